@@ -1,0 +1,56 @@
+# dlearn: `make book` runs the book, `make test` runs every test. Both build .venv first if needed.
+#
+# Threads: the recipes below run torch with one thread per process (OMP_NUM_THREADS=1), because on
+# a small busy machine two spinning OpenMP threads are 10-100x slower than one. Override with
+# `make test THREADS=4`. Inside your own Python session dlearn never changes the thread count.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+THREADS ?= 1
+# torch: on a machine without an NVIDIA GPU the set-up installs the CPU build named here; add
+# TORCH_CPU_INDEX="--index-url https://download.pytorch.org/whl/cpu" where PyPI's default wheel is a CUDA one.
+TORCH_CPU ?= torch==2.13.0
+TORCH_CPU_INDEX ?=
+TORCH_GPU ?= torch>=2.4
+NB ?=
+RUN := env OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE MPLBACKEND=Agg
+
+.PHONY: env book test unit notebooks lab lint clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "torch already installed in $(VENV)"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "GPU found: installing $(TORCH_GPU)"; $(PY) -m pip install "$(TORCH_GPU)"; \
+	else \
+	  echo "no GPU: installing the CPU build $(TORCH_CPU)"; $(PY) -m pip install $(TORCH_CPU_INDEX) "$(TORCH_CPU)"; \
+	fi
+	$(PY) -m pip install -e ".[dev]"
+	@touch $@
+
+book: env
+	$(RUN) $(PY) -m dlearn.book $(NB)
+
+unit: env
+	$(RUN) $(PY) -m pytest tests
+
+notebooks: env
+	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
+	  $(RUN) DLEARN_OUTPUT_DIR=build/test-output $(PY) -m pytest --nbval-lax \
+	    --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout=600 notebooks; \
+	else echo "no notebooks yet: nothing for nbval to check"; fi
+
+test: unit notebooks
+
+lab: env
+	$(VENV)/bin/jupyter lab notebooks
+
+lint: env
+	$(VENV)/bin/ruff check dlearn tests
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,165 @@
+"""How the book measures samples: a digits classifier, a Frechet distance on its features, IoU of masks.
+
+The classifier plays three parts: its accuracy on the prompted class is the prompt-fidelity score
+(a "CLIP-T" analogue), its penultimate features feed the Frechet distance (an "FID" analogue), and
+cosine similarity of those features is the subject-fidelity score (a "DINO / CLIP-I" analogue).
+It is trained by `train_classifier` and shipped in the zoo as "digits_classifier".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlearn import datasets
+from dlearn.train import TrainConfig, TrainResult, fit
+
+FEATURE_DIM = 64
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN for 8x8 digits in [-1, 1]: two conv stages, a 64-d feature layer, 10 logits."""
+
+    def __init__(self, width: int = 32, feature_dim: int = FEATURE_DIM, dropout: float = 0.3):
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(1, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),  # 8x8 -> 4x4
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),  # 4x4 -> 2x2
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(8 * w, feature_dim), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, 10))
+
+    @staticmethod
+    def _check(x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1:] != (1, 8, 8) or not x.is_floating_point():
+            raise ValueError(f"expected float images of shape (B, 1, 8, 8) in [-1, 1], got {x.dtype} {tuple(x.shape)}")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features, shape (B, 64): the space of the Frechet distance."""
+        self._check(x)
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits, shape (B, 10)."""
+        return self.head(self.features(x))
+
+
+def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
+    """Shift each image by up to `max_shift` pixels in each direction, filling with background (-1)."""
+    b = x.shape[0]
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    dy, dx = (torch.randint(0, 2 * max_shift + 1, (2, b), generator=generator)).tolist()
+    return torch.stack([padded[i, :, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8] for i in range(b)])
+
+
+@torch.no_grad()
+def predict(model: DigitClassifier, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Class probabilities, shape (B, 10), in eval mode."""
+    model.eval()
+    return torch.cat([F.softmax(model(x[i : i + batch_size]), -1) for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def features(model: DigitClassifier, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Penultimate features in float64, shape (B, 64), in eval mode."""
+    model.eval()
+    return torch.cat([model.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).double()
+
+
+def accuracy(probs_or_logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose argmax equals the label."""
+    if probs_or_logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"{probs_or_logits.shape[0]} predictions for {labels.shape[0]} labels")
+    return (probs_or_logits.argmax(-1) == labels).double().mean().item()
+
+
+def train_classifier(seed: int = 0, max_steps: int = 4000, progress: bool | None = None) -> tuple[DigitClassifier, TrainResult]:
+    """The zoo recipe of "digits_classifier": train split with 1-pixel shifts, best validation accuracy."""
+    x_train, y_train = datasets.digits("train", form="unit")
+    x_val, y_val = datasets.digits("val", form="unit")
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, caller's random state untouched
+        torch.manual_seed(seed)
+        model = DigitClassifier()
+
+    def loss_fn(m, batch, gen):
+        x, y = batch
+        return F.cross_entropy(m(random_shift(x, gen)), y, label_smoothing=0.05)
+
+    config = TrainConfig(
+        max_steps=max_steps, batch_size=64, lr=2e-3, weight_decay=1e-3, eval_every=100, patience=15,
+        higher_is_better=True, seed=seed, progress=progress,
+    )  # fmt: skip
+    result = fit(model, loss_fn, (x_train, y_train), config, val_fn=lambda m: accuracy(m(x_val), y_val))
+    return model.eval(), result
+
+
+def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (Heusel et al. 2017, the FID formula).
+
+        FD = ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^{1/2} S_b S_a^{1/2})^{1/2})
+
+    The matrix square roots come from symmetric eigendecompositions, so the result is real.
+
+    Args:
+        feats_a, feats_b: features of shape (N_a, D) and (N_b, D), N >= 2.
+    """
+    for name, f in (("feats_a", feats_a), ("feats_b", feats_b)):
+        if f.ndim != 2 or f.shape[0] < 2:
+            raise ValueError(f"{name} must have shape (N, D) with N >= 2, got {tuple(f.shape)}")
+    if feats_a.shape[1] != feats_b.shape[1]:
+        raise ValueError(f"feature sizes differ: {feats_a.shape[1]} vs {feats_b.shape[1]}")
+    a, b = feats_a.double(), feats_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    return frechet_distance_gaussians(mu_a, cov_a, mu_b, cov_b)
+
+
+def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
+    vals, vecs = torch.linalg.eigh(0.5 * (m + m.T))
+    return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+
+
+def frechet_distance_gaussians(mu_a, cov_a, mu_b, cov_b) -> float:
+    """Frechet (2-Wasserstein squared) distance between N(mu_a, cov_a) and N(mu_b, cov_b)."""
+    root_a = _sqrtm_psd(cov_a)
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    value = ((mu_a - mu_b) ** 2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross
+    return float(value.clamp(min=0))
+
+
+def digit_mask(levels: torch.Tensor, threshold: int = 8) -> torch.Tensor:
+    """TB5's control mask: pixels whose grey level exceeds `threshold` (of 0..16), as bool."""
+    from dlearn.distributions import check_levels
+
+    return check_levels(levels, "levels") > threshold
+
+
+def iou(mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
+    """Intersection over union of boolean masks, one value per example, shape (B,).
+
+    Two empty masks agree perfectly: their IoU is defined as 1.
+
+    Args:
+        mask_a, mask_b: boolean tensors of one shape (B, ...); threshold images first, e.g. `x > 0`.
+    """
+    if mask_a.dtype != torch.bool or mask_b.dtype != torch.bool:
+        raise TypeError(f"iou expects boolean masks (threshold first, e.g. x > 0), got {mask_a.dtype} and {mask_b.dtype}")
+    if mask_a.shape != mask_b.shape:
+        raise ValueError(f"masks must have one shape, got {tuple(mask_a.shape)} and {tuple(mask_b.shape)}")
+    inter = (mask_a & mask_b).reshape(mask_a.shape[0], -1).sum(1).double()
+    union = (mask_a | mask_b).reshape(mask_a.shape[0], -1).sum(1).double()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def classifier_metrics(model: DigitClassifier) -> dict[str, float]:
+    """The numbers the zoo records for the classifier: test accuracy and the train-vs-test FD floor."""
+    x_train, _ = datasets.digits("train", form="unit")
+    x_test, y_test = datasets.digits("test", form="unit")
+    return {
+        "test_accuracy": accuracy(predict(model, x_test), y_test),
+        "fd_floor_train_vs_test": frechet_distance(features(model, x_train), features(model, x_test)),
+    }

@@ -1,0 +1,122 @@
+"""The book's headline numbers: `figures/results.json` and its readable twin `figures/results.md`.
+
+Each chapter records its numbers with `record`; an entry is
+
+    {"chapter": "00_preface", "name": "classifier_test_accuracy", "value": 0.975, "unit": "fraction",
+     "protocol": "digits test split (447 images)", "anchor": {"value": 0.973, "source": "..."} | null,
+     "figure": "00_digits_grid.png" | null}
+
+Recording the same (chapter, name) again replaces the entry. The folder is `figures/` at the top
+of the repository, or the folder named by the environment variable DLEARN_OUTPUT_DIR (the test
+run points it at build/ so that tests leave the committed figures alone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+
+
+def repo_root() -> Path | None:
+    """The repository holding this package (the folder with pyproject.toml), or None if installed elsewhere."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def output_dir() -> Path:
+    """Where figures and results go (created if needed); see the module docstring."""
+    env = os.environ.get("DLEARN_OUTPUT_DIR")
+    if env:
+        path = Path(env)
+        if not path.is_absolute():
+            path = (repo_root() or Path.cwd()) / path
+    else:
+        path = (repo_root() or Path.cwd()) / "figures"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load(directory: Path | None = None) -> list[dict]:
+    """All recorded entries (an empty list if nothing was recorded yet)."""
+    path = (directory or output_dir()) / RESULTS_JSON
+    if not path.exists():
+        return []
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); delete it and rerun the book") from exc
+    if not isinstance(entries, list):
+        raise ValueError(f"{path} must hold a list of entries, got {type(entries).__name__}")
+    return entries
+
+
+def _check_entry(entry: dict) -> None:
+    for key in ("chapter", "name", "unit", "protocol"):
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            raise TypeError(f"result field {key!r} must be a non-empty string, got {entry.get(key)!r}")
+    value = entry["value"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"result {entry['name']!r} must have a finite number as value, got {value!r}")
+    anchor = entry.get("anchor")
+    if anchor is not None:
+        if not isinstance(anchor, dict) or set(anchor) != {"value", "source"}:
+            raise ValueError(f"anchor must be None or {{'value': number, 'source': str}}, got {anchor!r}")
+        if not isinstance(anchor["value"], (int, float)) or not isinstance(anchor["source"], str):
+            raise TypeError(f"anchor must hold a number and a source string, got {anchor!r}")
+
+
+def record(
+    chapter: str,
+    name: str,
+    value: float,
+    unit: str,
+    protocol: str,
+    anchor: dict | None = None,
+    figure: str | None = None,
+    directory: Path | None = None,
+) -> dict:
+    """Add or replace one headline number and rewrite results.json and results.md.
+
+    Args:
+        chapter: the notebook's stem, e.g. "02_vae".
+        name: a stable identifier, e.g. "iwae_nats".
+        value: a finite number (tensors: pass `.item()`).
+        unit: e.g. "nats/image", "bits/dim", "fraction".
+        protocol: the split and how it was measured.
+        anchor: a published or reference figure to compare with: {"value": ..., "source": ...}.
+        figure: the file name of the figure that shows it, in the same folder.
+    """
+    entry = {
+        "chapter": chapter, "name": name, "value": float(value) if not isinstance(value, bool) else value,
+        "unit": unit, "protocol": protocol, "anchor": anchor, "figure": figure,
+    }  # fmt: skip
+    _check_entry(entry)
+    directory = directory or output_dir()
+    entries = [e for e in load(directory) if (e["chapter"], e["name"]) != (chapter, name)]
+    entries.append(entry)
+    entries.sort(key=lambda e: e["chapter"])  # stable: keeps each chapter's order of recording
+    (directory / RESULTS_JSON).write_text(json.dumps(entries, indent=2) + "\n")
+    (directory / RESULTS_MD).write_text(to_markdown(entries))
+    return entry
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def to_markdown(entries: list[dict]) -> str:
+    """A readable table per chapter of the recorded entries."""
+    lines = ["# Results", "", "Headline numbers of each chapter, written by the notebooks (`make book`).", ""]
+    for chapter in sorted({e["chapter"] for e in entries}):
+        lines += [f"## {chapter}", "", "| name | value | unit | protocol | anchor | figure |", "| --- | --- | --- | --- | --- | --- |"]
+        for e in (e for e in entries if e["chapter"] == chapter):
+            anchor = f"{_fmt(e['anchor']['value'])} ({e['anchor']['source']})" if e.get("anchor") else "-"
+            figure = f"[{e['figure']}]({e['figure']})" if e.get("figure") else "-"
+            lines.append(f"| {e['name']} | {_fmt(e['value'])} | {e['unit']} | {e['protocol']} | {anchor} | {figure} |")
+        lines.append("")
+    return "\n".join(lines)

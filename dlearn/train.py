@@ -1,0 +1,332 @@
+"""One readable training loop for every model in the book, and safe weight files.
+
+`fit` samples mini-batches from tensors held in memory, takes Adam(W) steps on a loss the caller
+writes, evaluates a validation metric every few steps, keeps the best weights, stops early when
+the metric stops improving, and (given a directory) writes a checkpoint from which an interrupted
+run resumes exactly: the same final weights as a run that was never stopped.
+
+All randomness comes from `config.seed`: batches and the loss's noise from a `torch.Generator`
+passed to the loss, dropout from torch's global generator, which `fit` forks so that the caller's
+random state is left as it was.
+
+Weights are stored as safetensors files only (no pickle): `save_safetensors` / `load_safetensors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Generator], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors files with clear errors
+# --------------------------------------------------------------------------------------------
+
+
+class WeightsFileError(RuntimeError):
+    """A weights file is missing or unreadable; the message says which file and what to do."""
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Write tensors (and JSON-serialisable metadata) to a safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"dlearn": json.dumps(metadata or {}, sort_keys=True)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # a run killed while writing leaves the previous file intact
+
+
+def load_safetensors(path: str | Path, hint: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by `save_safetensors`: (tensors, metadata). Never unpickles anything.
+
+    Args:
+        path: the file.
+        hint: what to do if it is missing or corrupted (added to the error message).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    advice = f" {hint}" if hint else ""
+    if not path.is_file():
+        raise WeightsFileError(f"weights file {path} does not exist.{advice}")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        metadata = json.loads(meta.get("dlearn", "{}"))
+    except (SafetensorError, OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        raise WeightsFileError(f"weights file {path} is corrupted or not a dlearn safetensors file ({exc}).{advice}") from exc
+    return tensors, metadata
+
+
+def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """`model.load_state_dict(tensors)` with an error that names the file when the shapes disagree."""
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise WeightsFileError(f"weights in {source} do not fit {type(model).__name__}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run.
+
+    Args:
+        max_steps: optimisation steps in all (a resumed run counts the steps already taken).
+        batch_size: examples per step, drawn uniformly with replacement.
+        lr, weight_decay: AdamW's learning rate and decoupled weight decay.
+        grad_clip: clip the global gradient norm to this (None: no clipping).
+        eval_every: evaluate `val_fn` (and checkpoint) every this many steps, and at the end.
+        patience: stop after this many evaluations without improvement (None: never stop early).
+        higher_is_better: the validation metric's direction (False for losses, True for accuracy).
+        seed: seeds batches, the loss's generator and dropout.
+        checkpoint_dir: where to write `last.safetensors` (resume) and `best.safetensors`; None: none.
+        progress: show a tqdm bar; None decides from DLEARN_PROGRESS ("0" or "1") or else whether
+            stderr is a terminal or a notebook.
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    eval_every: int = 100
+    patience: int | None = None
+    higher_is_better: bool = False
+    seed: int = 0
+    checkpoint_dir: str | Path | None = None
+    progress: bool | None = None
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "eval_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.patience is not None and self.patience <= 0:
+            raise ValueError(f"patience must be a positive number of evaluations or None, got {self.patience}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    # Fields that may change between an interrupted run and its resumption.
+    _RESUMABLE_CHANGES = ("max_steps", "patience", "checkpoint_dir", "progress")
+
+    def fingerprint(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self._RESUMABLE_CHANGES}
+
+
+@dataclass
+class TrainResult:
+    """What a run did: `history` holds one dict per evaluation (step, train_loss, val)."""
+
+    steps: int
+    best_step: int | None
+    best_metric: float | None
+    stopped_early: bool
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def show_progress(progress: bool | None = None) -> bool:
+    """Whether long loops should draw a progress bar (see `TrainConfig.progress`)."""
+    if progress is not None:
+        return progress
+    env = os.environ.get("DLEARN_PROGRESS")
+    if env in ("0", "1"):
+        return env == "1"
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def _check_data(data: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    if isinstance(data, torch.Tensor):
+        data = (data,)
+    data = tuple(data)
+    if not data or not all(isinstance(d, torch.Tensor) for d in data):
+        raise TypeError("data must be a tensor or a tuple of tensors with the examples along dimension 0")
+    n = data[0].shape[0]
+    if any(d.shape[0] != n for d in data) or n == 0:
+        raise ValueError(f"data tensors must share a non-zero first dimension, got {[tuple(d.shape) for d in data]}")
+    return data
+
+
+def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, pstate in state["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _save_checkpoint(path: Path, model, opt, gen, config, progress_state: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _optimizer_to_tensors(opt)
+    tensors.update(opt_tensors)
+    tensors["rng.generator"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"config": config.fingerprint(), "optimizer": opt_meta, **progress_state}
+    save_safetensors(path, tensors, meta)
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Sequence[torch.Tensor] | torch.Tensor,
+    config: TrainConfig,
+    val_fn: Callable[[nn.Module], float] | None = None,
+) -> TrainResult:
+    """Train `model` to minimise `loss_fn` on mini-batches of `data`.
+
+    Steps (each numbered in the code):
+      1. resume from `checkpoint_dir/last.safetensors` if it exists (same config), else seed;
+      2. sample a batch with the run's generator, compute `loss_fn(model, batch, generator)`;
+      3. clip the gradient and take an AdamW step;
+      4. every `eval_every` steps: evaluate `val_fn(model)` in eval mode without gradients, keep the
+         best weights, checkpoint, and stop if `patience` evaluations brought no improvement;
+      5. at the end, load the best weights into `model` (when there is a `val_fn`).
+
+    Args:
+        model: the network; trained in place.
+        loss_fn: (model, batch, generator) -> scalar loss; draw any noise from `generator`.
+        data: a tensor or tuple of tensors; batch i holds the same rows of each.
+        config: the run's settings.
+        val_fn: model -> validation metric (see `config.higher_is_better`).
+
+    Returns:
+        a `TrainResult`. An interruption (KeyboardInterrupt) writes a checkpoint before it propagates.
+    """
+    from tqdm.auto import tqdm
+
+    data = _check_data(data)
+    n = data[0].shape[0]
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+    sign = -1.0 if config.higher_is_better else 1.0  # internally lower is better
+    st = {"step": 0, "best_step": None, "best_metric": None, "bad_evals": 0, "history": [], "stopped_early": False}
+    best_state = None
+    start = time.perf_counter()
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        # 1. resume
+        if ckpt_dir is not None and (ckpt_dir / "last.safetensors").exists():
+            tensors, meta = load_safetensors(ckpt_dir / "last.safetensors", hint="Delete the directory to start afresh.")
+            if meta.get("config") != json.loads(json.dumps(config.fingerprint())):
+                raise ValueError(
+                    f"the checkpoint in {ckpt_dir} was written with other settings ({meta.get('config')}); "
+                    "use another checkpoint_dir or delete it to start afresh"
+                )
+            load_state_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, ckpt_dir)
+            _optimizer_from_tensors(opt, tensors, meta["optimizer"])
+            gen.set_state(tensors["rng.generator"])
+            torch.set_rng_state(tensors["rng.torch"])
+            st = {k: meta[k] for k in st}
+            if (ckpt_dir / "best.safetensors").exists():
+                best_state = load_safetensors(ckpt_dir / "best.safetensors")[0]
+
+        def evaluate_and_checkpoint(train_loss: float) -> None:
+            nonlocal best_state
+            record = {"step": st["step"], "train_loss": train_loss}
+            if val_fn is not None:
+                was_training = model.training
+                model.eval()
+                with torch.no_grad():
+                    metric = float(val_fn(model))
+                model.train(was_training)
+                if not math.isfinite(metric):
+                    raise FloatingPointError(f"validation metric is {metric} at step {st['step']}")
+                record["val"] = metric
+                if st["best_metric"] is None or sign * metric < sign * st["best_metric"]:
+                    st.update(best_metric=metric, best_step=st["step"], bad_evals=0)
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    if ckpt_dir is not None:
+                        save_safetensors(ckpt_dir / "best.safetensors", best_state, {"step": st["step"], "val": metric})
+                else:
+                    st["bad_evals"] += 1
+                    if config.patience is not None and st["bad_evals"] >= config.patience:
+                        st["stopped_early"] = True
+            st["history"].append(record)
+            if ckpt_dir is not None:
+                _save_checkpoint(ckpt_dir / "last.safetensors", model, opt, gen, config, st)
+
+        model.train()
+        bar = tqdm(total=config.max_steps, initial=st["step"], disable=not show_progress(config.progress), leave=False)
+        running, count = 0.0, 0
+        try:
+            while st["step"] < config.max_steps and not st["stopped_early"]:
+                # 2. a batch and its loss
+                idx = torch.randint(n, (config.batch_size,), generator=gen)
+                batch = tuple(d[idx].to(device) for d in data)
+                loss = loss_fn(model, batch, gen)
+                if loss.ndim != 0:
+                    raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {st['step']}: lower lr or check the inputs")
+                # 3. gradient step
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                opt.step()
+                st["step"] += 1
+                running, count = running + loss.item(), count + 1
+                bar.update(1)
+                # 4. evaluate, keep the best, checkpoint, maybe stop
+                if st["step"] % config.eval_every == 0 or st["step"] == config.max_steps:
+                    evaluate_and_checkpoint(running / count)
+                    running, count = 0.0, 0
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in st["history"][-1].items() if k != "step"})
+        except KeyboardInterrupt:
+            if ckpt_dir is not None:
+                _save_checkpoint(ckpt_dir / "last.safetensors", model, opt, gen, config, st)
+            raise
+        finally:
+            bar.close()
+
+    # 5. the best weights
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return TrainResult(
+        steps=st["step"],
+        best_step=st["best_step"],
+        best_metric=st["best_metric"],
+        stopped_early=st["stopped_early"],
+        seconds=time.perf_counter() - start,
+        history=st["history"],
+    )

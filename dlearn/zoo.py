@@ -1,0 +1,179 @@
+"""The small weights the book ships: each with the recipe that trains it and the metrics it reaches.
+
+    from dlearn import zoo
+    clf = zoo.load("digits_classifier")      # an nn.Module in eval mode, gradients off
+    zoo.info("digits_classifier")            # recipe, training seconds, metrics, versions
+
+Retrain one (writes dlearn/weights/<name>.safetensors with its metrics):
+
+    python -m dlearn.zoo train digits_classifier
+    python -m dlearn.zoo list
+
+The registry names functions as "module:attribute" strings, imported only when used, so that the
+zoo can list later chapters' models without importing them (and `import dlearn` stays light).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dlearn.train import WeightsFileError, load_safetensors, load_state_into, save_safetensors
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One shipped model.
+
+    Args:
+        build: "module:callable" returning the untrained nn.Module (called with `build_kwargs`).
+        recipe: "module:callable" (seed=..., **kwargs) -> (trained model, TrainResult).
+        evaluate: "module:callable" model -> {metric name: float}, the numbers recorded and re-checked.
+        tolerance: how far a re-evaluation may move each metric (absolute) before the check fails.
+        description: one line for `zoo list`.
+    """
+
+    build: str
+    recipe: str
+    evaluate: str
+    description: str
+    build_kwargs: dict = field(default_factory=dict)
+    recipe_kwargs: dict = field(default_factory=dict)
+    tolerance: float = 1e-6
+
+
+REGISTRY: dict[str, Entry] = {
+    "digits_classifier": Entry(
+        build="dlearn.metrics:DigitClassifier",
+        recipe="dlearn.metrics:train_classifier",
+        evaluate="dlearn.metrics:classifier_metrics",
+        description="small CNN on the digits (train split, best val accuracy): accuracy, FD features",
+        tolerance=1e-4,
+    ),
+}
+
+
+def _resolve(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _entry(name: str) -> Entry:
+    if name not in REGISTRY:
+        raise KeyError(f"no model named {name!r} in the zoo; known: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def weights_path(name: str) -> Path:
+    """Where the shipped weights of `name` live."""
+    _entry(name)
+    return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def _hint(name: str) -> str:
+    return f"Recreate it with `python -m dlearn.zoo train {name}` (or restore it with `git checkout -- dlearn/weights`)."
+
+
+def info(name: str) -> dict:
+    """The metadata stored with the weights: recipe, seed, training seconds, metrics, versions."""
+    return load_safetensors(weights_path(name), hint=_hint(name))[1]
+
+
+def build(name: str) -> nn.Module:
+    """An untrained model of the entry's architecture."""
+    entry = _entry(name)
+    return _resolve(entry.build)(**entry.build_kwargs)
+
+
+def load(name: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The shipped model `name`, in eval mode with gradients switched off."""
+    path = weights_path(name)
+    tensors, _ = load_safetensors(path, hint=_hint(name))
+    model = build(name)
+    load_state_into(model, tensors, path)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def evaluate(name: str, model: nn.Module) -> dict[str, float]:
+    """Recompute the entry's metrics for `model`."""
+    return {k: float(v) for k, v in _resolve(_entry(name).evaluate)(model).items()}
+
+
+def check(name: str) -> dict[str, tuple[float, float]]:
+    """Re-evaluate the shipped weights; raise if any metric moved beyond the entry's tolerance.
+
+    Returns:
+        {metric: (recorded, measured)}.
+    """
+    recorded = info(name)["metrics"]
+    measured = evaluate(name, load(name))
+    tol = _entry(name).tolerance
+    report = {k: (recorded[k], measured.get(k, float("nan"))) for k in recorded}
+    bad = {k: v for k, v in report.items() if not abs(v[0] - v[1]) <= tol}
+    if bad:
+        raise AssertionError(f"{name}: shipped weights no longer reach their recorded metrics (tolerance {tol}): {bad}")
+    return report
+
+
+def train(name: str, seed: int = 0, save: bool = True, **overrides) -> tuple[nn.Module, dict]:
+    """Run the entry's recipe, measure it, and (by default) write the weights with their metadata."""
+    entry = _entry(name)
+    kwargs = {**entry.recipe_kwargs, **overrides}
+    start = time.perf_counter()
+    model, result = _resolve(entry.recipe)(seed=seed, **kwargs)
+    seconds = time.perf_counter() - start
+    metadata = {
+        "name": name,
+        "recipe": entry.recipe,
+        "recipe_kwargs": kwargs,
+        "seed": seed,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "best_val": result.best_metric,
+        "train_seconds": round(seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        "metrics": evaluate(name, model),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    if save:
+        save_safetensors(weights_path(name), model.state_dict(), metadata)
+    return model, metadata
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dlearn.zoo", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the shipped models and their recorded metrics")
+    p_train = sub.add_parser("train", help="run a recipe and write the weights")
+    p_train.add_argument("name")
+    p_train.add_argument("--seed", type=int, default=0)
+    p_check = sub.add_parser("check", help="re-evaluate shipped weights against their recorded metrics")
+    p_check.add_argument("name")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for name, entry in REGISTRY.items():
+            try:
+                meta = info(name)
+                status = f"{meta['train_seconds']} s, " + ", ".join(f"{k} {v:.4g}" for k, v in meta["metrics"].items())
+            except WeightsFileError as exc:
+                status = f"not available: {exc}"
+            print(f"{name}: {entry.description}\n    {status}")
+    elif args.command == "train":
+        _, meta = train(args.name, seed=args.seed)
+        print(f"wrote {weights_path(args.name)}: {meta['train_seconds']} s, metrics {meta['metrics']}")
+    else:
+        for k, (rec, got) in check(args.name).items():
+            print(f"{k}: recorded {rec:.6g}, measured {got:.6g}")
+
+
+if __name__ == "__main__":
+    main()
