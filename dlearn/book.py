@@ -63,7 +63,8 @@ def render_html(paths: list[Path], out_dir: Path) -> None:
     for path in paths:
         body, _ = exporter.from_notebook_node(nbformat.read(path, as_version=4))
         (out_dir / f"{path.stem}.html").write_text(body, encoding="utf-8")
-    links = "\n".join(f'<li><a href="{p.stem}.html">{p.stem}</a></li>' for p in sorted(out_dir.glob("*.html")) if p.stem != "index")
+    pages = [p.stem for p in sorted(out_dir.glob("*.html")) if p.stem != "index"]
+    links = "\n".join(f'<li><a href="{stem}.html">{stem}</a></li>' for stem in pages)
     (out_dir / "index.html").write_text(f"<html><body><h1>dlearn</h1><ol>\n{links}\n</ol></body></html>\n", encoding="utf-8")
 
 

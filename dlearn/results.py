@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -91,8 +92,10 @@ def record(
         anchor: a published or reference figure to compare with: {"value": ..., "source": ...}.
         figure: the file name of the figure that shows it, in the same folder.
     """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"result {name!r} must have a real number as value (tensors: .item()), got {type(value).__name__}")
     entry = {
-        "chapter": chapter, "name": name, "value": float(value) if not isinstance(value, bool) else value,
+        "chapter": chapter, "name": name, "value": float(value),
         "unit": unit, "protocol": protocol, "anchor": anchor, "figure": figure,
     }  # fmt: skip
     _check_entry(entry)
@@ -113,7 +116,7 @@ def to_markdown(entries: list[dict]) -> str:
     """A readable table per chapter of the recorded entries."""
     lines = ["# Results", "", "Headline numbers of each chapter, written by the notebooks (`make book`).", ""]
     for chapter in sorted({e["chapter"] for e in entries}):
-        lines += [f"## {chapter}", "", "| name | value | unit | protocol | anchor | figure |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"## {chapter}", "", "| name | value | unit | protocol | anchor | figure |", "|" + " --- |" * 6]
         for e in (e for e in entries if e["chapter"] == chapter):
             anchor = f"{_fmt(e['anchor']['value'])} ({e['anchor']['source']})" if e.get("anchor") else "-"
             figure = f"[{e['figure']}]({e['figure']})" if e.get("figure") else "-"
