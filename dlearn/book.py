@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         print("no notebooks to run")
         return 1
     os.environ.setdefault("DLEARN_PROGRESS", "0")  # no progress bars inside the saved notebooks
-    os.environ.setdefault("MPLBACKEND", "Agg")
     failed, times = [], {}
     start = time.perf_counter()
     with tqdm(notebooks, desc="book", unit="notebook", file=sys.stdout) as bar:
