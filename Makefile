@@ -40,7 +40,7 @@ unit: env
 
 notebooks: env
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-	  $(RUN) DLEARN_OUTPUT_DIR=build/test-output $(PY) -m pytest --nbval-lax \
+	  $(RUN) DLEARN_OUTPUT_DIR=build/test-output DLEARN_PROGRESS=0 $(PY) -m pytest --nbval-lax \
 	    --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout=600 notebooks; \
 	else echo "no notebooks yet: nothing for nbval to check"; fi
 

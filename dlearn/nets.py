@@ -69,7 +69,7 @@ def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10_
 
 
 class FourierFeatures(nn.Module):
-    """Learnable-free random Fourier features of a scalar, for continuous t or log-SNR inputs.
+    """Fixed random Fourier features of a scalar (nothing learnable), for continuous t or log-SNR inputs.
 
         emb = [cos(2 pi v B), sin(2 pi v B)],  B ~ N(0, scale^2) fixed at construction (a buffer)
 
