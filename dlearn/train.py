@@ -15,6 +15,7 @@ Weights are stored as safetensors files only (no pickle): `save_safetensors` / `
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -221,7 +222,8 @@ def fit(
 
     Args:
         model: the network; trained in place.
-        loss_fn: (model, batch, generator) -> scalar loss; draw any noise from `generator`.
+        loss_fn: (model, batch, generator) -> scalar loss; draw any noise from `generator`. A loss
+            that needs the step number (KL warm-up, say) declares a keyword `step` and receives it.
         data: a tensor or tuple of tensors; batch i holds the same rows of each.
         config: the run's settings.
         val_fn: model -> validation metric (see `config.higher_is_better`).
@@ -233,6 +235,7 @@ def fit(
 
     data = _check_data(data)
     n = data[0].shape[0]
+    wants_step = "step" in inspect.signature(loss_fn).parameters
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
@@ -293,7 +296,7 @@ def fit(
                 # 2. a batch and its loss
                 idx = torch.randint(n, (config.batch_size,), generator=gen)
                 batch = tuple(d[idx].to(device) for d in data)
-                loss = loss_fn(model, batch, gen)
+                loss = loss_fn(model, batch, gen, step=st["step"]) if wants_step else loss_fn(model, batch, gen)
                 if loss.ndim != 0:
                     raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
                 if not torch.isfinite(loss):

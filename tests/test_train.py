@@ -136,3 +136,17 @@ def test_show_progress_follows_the_environment(monkeypatch):
     monkeypatch.setenv("DLEARN_PROGRESS", "1")
     assert train.show_progress() is True
     assert train.show_progress(False) is False
+
+
+def test_a_loss_that_asks_for_the_step_gets_it(tmp_path, gen):
+    x, y = _problem(gen)
+    seen = []
+
+    def loss(m, batch, g, step):
+        seen.append(step)
+        return _loss(m, batch, g)
+
+    cfg = train.TrainConfig(max_steps=6, eval_every=3, checkpoint_dir=tmp_path, progress=False)
+    train.fit(_model(), loss, (x, y), train.TrainConfig(max_steps=3, eval_every=3, checkpoint_dir=tmp_path, progress=False))
+    train.fit(_model(), loss, (x, y), cfg)  # resumed: the count goes on
+    assert seen == [0, 1, 2, 3, 4, 5]

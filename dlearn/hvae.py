@@ -1,0 +1,263 @@
+"""Chapter 03: hierarchical VAEs, exactly on TB1's two-level model and by training on the digits.
+
+The Markovian HVAE (Luo 2022, Sec. 2.3) with two latent levels has the generative chain
+p(z2) p(z1 | z2) p(x | z1) and the encoder chain q(z1 | x) q(z2 | z1); its bound is
+
+    log p(x) >= E_q[ log p(z2) p(z1 | z2) p(x | z1) - log q(z1 | x) q(z2 | z1) ].
+
+`HVAE` implements that ("markov" inference) and the top-down variant of Ladder VAEs and NVAE
+(Sonderby et al. 2016; Vahdat & Kautz 2020): q(z2 | x) q(z1 | x, z2), the posterior over z1 written
+as a correction of the prior p(z1 | z2) ("residual"), with the decoder seeing both levels
+("skip"). Training can warm the KL terms up from 0 to 1 and keep "free bits" per latent
+dimension (Kingma et al. 2016); evaluation always uses the true bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dlearn import datasets
+from dlearn.datasets import TwoLevelLinearGaussian
+from dlearn.distributions import kl_normal_diag, log_categorical_pixels, log_normal_diag
+from dlearn.elbo import log_mean_exp
+from dlearn.nets import MLP
+from dlearn.train import TrainConfig, TrainResult, fit
+from dlearn.vae import ConvDecoder, ConvEncoder, _check_images, levels_to_unit
+
+INFERENCE = ("markov", "top_down")
+
+# --------------------------------------------------------------------------------------------
+# TB1, two levels: the Markovian bound in closed form
+# --------------------------------------------------------------------------------------------
+
+
+def markov_posterior_factors(model: TwoLevelLinearGaussian, x: torch.Tensor):
+    """The exact posterior factorised as the Markov encoder q(z1 | x) q(z2 | z1) (H2).
+
+    Because z2 -> z1 -> x is a chain, p(z2 | z1, x) = p(z2 | z1), so the true posterior is
+    p(z1 | x) p(z2 | z1). Returns (mean1 (B, k1), cov1 (k1, k1)) and a function z1 -> (mean2, cov2).
+    """
+    k2, k1, _ = model.dims
+    mean, cov = model.posterior(x)  # over the stacked (z2, z1)
+    mean1, cov1 = mean[:, k2:], cov[k2:, k2:]
+    jm, jc = model.joint_mean_cov()
+
+    def z2_given_z1(z1: torch.Tensor):
+        return datasets.gaussian_condition(jm[: k2 + k1], jc[: k2 + k1, : k2 + k1], list(range(k2, k2 + k1)), z1)
+
+    return (mean1, cov1), z2_given_z1
+
+
+def markov_elbo_monte_carlo(model: TwoLevelLinearGaussian, x, q1, q2_given_z1, num_samples: int, generator=None):
+    """Monte Carlo estimate of the Markovian HVAE bound for Gaussian encoders (H3), per point.
+
+    Args:
+        q1: (mean (B, k1), cov (k1, k1)) of q(z1 | x).
+        q2_given_z1: z1 (N*B, k1) -> (mean (N*B, k2), cov (k2, k2)) of q(z2 | z1).
+
+    Returns:
+        (estimate, standard error), each (B,).
+    """
+    mvn = torch.distributions.MultivariateNormal
+    k2, k1, _ = model.dims
+    b = x.shape[0]
+    chol1 = torch.linalg.cholesky(q1[1])
+    eps1 = torch.randn(num_samples, b, k1, generator=generator, dtype=torch.float64)
+    z1 = q1[0] + eps1 @ chol1.T
+    m2, c2 = q2_given_z1(z1.reshape(-1, k1))
+    eps2 = torch.randn(num_samples * b, k2, generator=generator, dtype=torch.float64)
+    z2 = (m2 + eps2 @ torch.linalg.cholesky(c2).T).reshape(num_samples, b, k2)
+    log_q = mvn(q1[0], q1[1]).log_prob(z1) + mvn(m2, c2).log_prob(z2.reshape(-1, k2)).reshape(num_samples, b)
+    terms = model.log_joint(x, z1, z2) - log_q
+    return terms.mean(0), terms.std(0) / math.sqrt(num_samples)
+
+
+# --------------------------------------------------------------------------------------------
+# a two-level HVAE on the digits
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HVAEConfig:
+    """Architecture and inference of `HVAE`.
+
+    Args:
+        z1_dim, z2_dim: sizes of the lower and the upper latent.
+        inference: "markov" (q(z1 | x) q(z2 | z1), Luo's MHVAE) or "top_down" (q(z2 | x) q(z1 | x, z2)).
+        residual: in top-down inference, parameterise q(z1 | x, z2) relative to p(z1 | z2).
+        skip: the decoder sees z2 as well as z1 (p(x | z1, z2)); False keeps the chain Markovian.
+    """
+
+    z1_dim: int = 16
+    z2_dim: int = 16
+    channels: tuple[int, int] = (32, 64)
+    hidden: int = 256
+    dropout: float = 0.1
+    inference: str = "top_down"
+    residual: bool = True
+    skip: bool = True
+
+    def __post_init__(self):
+        if self.inference not in INFERENCE:
+            raise ValueError(f"inference must be one of {INFERENCE}, got {self.inference!r}")
+
+
+def _split(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, logvar = stats.chunk(2, dim=-1)
+    return mean, logvar.clamp(-12, 8)
+
+
+class HVAE(nn.Module):
+    """A two-level hierarchical VAE for the digits with categorical pixels (see the module docstring)."""
+
+    def __init__(self, config: HVAEConfig | None = None, **kwargs):
+        super().__init__()
+        self.config = c = config or HVAEConfig(**kwargs)
+        self.encoder = ConvEncoder(c.hidden, c.channels, c.hidden, c.dropout)  # x -> h
+        self.prior1 = MLP(c.z2_dim, (c.hidden,), 2 * c.z1_dim)  # p(z1 | z2)
+        if c.inference == "markov":
+            self.q1 = nn.Linear(c.hidden, 2 * c.z1_dim)  # q(z1 | x)
+            self.q2 = MLP(c.z1_dim, (c.hidden,), 2 * c.z2_dim)  # q(z2 | z1)
+        else:
+            self.q2 = nn.Linear(c.hidden, 2 * c.z2_dim)  # q(z2 | x)
+            self.q1 = MLP(c.hidden + c.z2_dim, (c.hidden,), 2 * c.z1_dim)  # q(z1 | x, z2)
+        self.decoder = ConvDecoder(c.z1_dim + (c.z2_dim if c.skip else 0), c.channels, c.hidden, c.dropout)
+
+    def features(self, x_levels: torch.Tensor) -> torch.Tensor:
+        return self.encoder(levels_to_unit(x_levels).to(next(self.parameters()).device))
+
+    def decode(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """p(x | z1[, z2]): logits (B, 17, 1, 8, 8)."""
+        return self.decoder(torch.cat([z1, z2], -1) if self.config.skip else z1)
+
+    def prior_z1(self, z2: torch.Tensor):
+        """p(z1 | z2): mean and log-variance."""
+        return _split(self.prior1(z2))
+
+
+def _draw(model: HVAE, x_levels: torch.Tensor, num_samples: int, generator) -> dict[str, torch.Tensor]:
+    """Draw K samples of (z1, z2) from q for each image and return the terms of the bound, each (K, B).
+
+    Keys: "log_lik" log p(x | z), "log_p_z" log p(z1 | z2) + log p(z2), "log_q_z" log q(z | x), and the
+    analytic KLs "kl1" and "kl2" where they exist given the parent sample (for training).
+    """
+    c = model.config
+    h = model.features(x_levels)  # (B, hidden)
+    b, k = h.shape[0], num_samples
+    dev = h.device
+    eps1 = torch.randn((k, b, c.z1_dim), generator=generator).to(dev)
+    eps2 = torch.randn((k, b, c.z2_dim), generator=generator).to(dev)
+    hk = h.expand(k, *h.shape)
+    if c.inference == "top_down":
+        m2, lv2 = _split(model.q2(hk))
+        z2 = m2 + (0.5 * lv2).exp() * eps2
+        pm1, plv1 = model.prior_z1(z2)
+        d_m1, d_lv1 = _split(model.q1(torch.cat([hk, z2], -1)))
+        m1, lv1 = (pm1 + d_m1, plv1 + d_lv1) if c.residual else (d_m1, d_lv1)
+        lv1 = lv1.clamp(-12, 8)
+        z1 = m1 + (0.5 * lv1).exp() * eps1
+    else:
+        m1, lv1 = _split(model.q1(hk))
+        z1 = m1 + (0.5 * lv1).exp() * eps1
+        m2, lv2 = _split(model.q2(z1))
+        z2 = m2 + (0.5 * lv2).exp() * eps2
+        pm1, plv1 = model.prior_z1(z2)
+    per_point = lambda t: t.reshape(k * b, -1)  # noqa: E731  (K, B, d) -> (K*B, d) for the summing helpers
+    log_q = log_normal_diag(per_point(z1), per_point(m1), per_point(lv1)) + log_normal_diag(
+        per_point(z2), per_point(m2), per_point(lv2)
+    )
+    log_p = log_normal_diag(per_point(z1), per_point(pm1), per_point(plv1)) + log_normal_diag(
+        per_point(z2), torch.zeros_like(per_point(z2)), torch.zeros_like(per_point(z2))
+    )
+    logits = model.decode(per_point(z1), per_point(z2))
+    x_rep = x_levels.to(dev).expand(k, *x_levels.shape).reshape(-1, *x_levels.shape[1:])
+    out = {
+        "log_lik": log_categorical_pixels(x_rep, logits).reshape(k, b),
+        "log_p_z": log_p.reshape(k, b),
+        "log_q_z": log_q.reshape(k, b),
+    }
+    if c.inference == "top_down":
+        out["kl1_dims"] = kl_normal_diag_elementwise(m1, lv1, pm1, plv1)
+        out["kl2_dims"] = kl_normal_diag_elementwise(m2, lv2, 0.0, 0.0)
+    return out
+
+
+def kl_normal_diag_elementwise(mean_q, logvar_q, mean_p, logvar_p) -> torch.Tensor:
+    """KL per latent dimension (no sum), same shape as mean_q; sums to `distributions.kl_normal_diag`."""
+    mean_p = torch.as_tensor(mean_p, dtype=mean_q.dtype, device=mean_q.device)
+    logvar_p = torch.as_tensor(logvar_p, dtype=mean_q.dtype, device=mean_q.device)
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p) ** 2) * torch.exp(-logvar_p) - 1.0)
+
+
+def elbo_terms(model: HVAE, x_levels: torch.Tensor, generator=None) -> dict[str, torch.Tensor]:
+    """One-sample estimate of the bound per image, in nats, with its terms (each (B,)).
+
+    Keys: "reconstruction" log p(x | z), "kl" the prior-matching part (analytic per level in top-down
+    inference, log q - log p in Markov inference), "kl1", "kl2" (top-down only), "neg_elbo".
+    """
+    x_levels = _check_images(x_levels)
+    d = _draw(model, x_levels, 1, generator)
+    recon = d["log_lik"][0]
+    if model.config.inference == "top_down":
+        kl1, kl2 = d["kl1_dims"][0].sum(-1), d["kl2_dims"][0].sum(-1)
+        kl = kl1 + kl2
+        out = {"kl1": kl1, "kl2": kl2}
+    else:
+        kl = (d["log_q_z"] - d["log_p_z"])[0]
+        out = {}
+    return {**out, "reconstruction": recon, "kl": kl, "neg_elbo": kl - recon}
+
+
+@torch.no_grad()
+def iwae_bound(model: HVAE, x_levels: torch.Tensor, num_samples: int = 1000, generator=None, chunk: int = 20_000) -> torch.Tensor:
+    """Importance-weighted bound on log p(x) with K = num_samples joint samples of (z1, z2), per image (B,)."""
+    x_levels = _check_images(x_levels)
+    per_chunk = max(1, chunk // num_samples)
+    out = []
+    for i in range(0, len(x_levels), per_chunk):
+        d = _draw(model, x_levels[i : i + per_chunk], num_samples, generator)
+        out.append(log_mean_exp(d["log_lik"] + d["log_p_z"] - d["log_q_z"], dim=0))
+    return torch.cat(out)
+
+
+def training_loss(model: HVAE, x_levels, generator, step: int, warmup_steps: int = 0, free_bits: float = 0.0) -> torch.Tensor:
+    """The training objective: -(reconstruction - beta * KL), with beta rising linearly to 1 over
+    `warmup_steps`, and each latent dimension's KL (batch mean) floored at `free_bits` nats (top-down).
+
+    Equal to the mean negative ELBO when warmup_steps = 0 and free_bits = 0.
+    """
+    beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if model.config.inference == "markov" or free_bits == 0:
+        t = elbo_terms(model, x_levels, generator)
+        return (beta * t["kl"] - t["reconstruction"]).mean()
+    d = _draw(model, _check_images(x_levels), 1, generator)
+    kl = sum(d[key][0].mean(0).clamp(min=free_bits).sum() for key in ("kl1_dims", "kl2_dims"))
+    return beta * kl - d["log_lik"][0].mean()
+
+
+def train_hvae(
+    seed: int = 0, max_steps: int = 8000, config: HVAEConfig | None = None, lr: float = 2e-3, warmup_steps: int = 0,
+    free_bits: float = 0.0, progress: bool | None = None, **config_kwargs,
+) -> tuple[HVAE, TrainResult]:
+    """The zoo recipe for the HVAE: Adam on `training_loss`, early-stopped on the validation negative ELBO."""
+    x_train, _ = datasets.digits("train")
+    x_val, _ = datasets.digits("val")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = HVAE(config or HVAEConfig(**config_kwargs))
+
+    def loss_fn(m, batch, gen, step):
+        return training_loss(m, batch[0], gen, step, warmup_steps, free_bits)
+
+    def val_fn(m):
+        g = torch.Generator().manual_seed(1234)
+        return torch.stack([elbo_terms(m, x_val, g)["neg_elbo"] for _ in range(4)]).mean().item()
+
+    patience = 12 + warmup_steps // 100  # the bound gets worse during warm-up: do not stop inside it
+    cfg = TrainConfig(max_steps=max_steps, batch_size=64, lr=lr, eval_every=100, patience=patience, seed=seed, progress=progress)
+    result = fit(model, loss_fn, (x_train,), cfg, val_fn)
+    return model.eval(), result

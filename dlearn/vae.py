@@ -1,0 +1,295 @@
+"""Chapter 02: the variational autoencoder on the digits, and the tools to measure it.
+
+A VAE learns an encoder q_phi(z | x) = N(mu_phi(x), diag sigma_phi^2(x)) and a decoder p_theta(x | z)
+together by maximising the ELBO (Kingma & Welling 2014; Luo 2022, Sec. 2.2):
+
+    ELBO = E_q[log p_theta(x | z)] - KL(q_phi(z | x) || N(0, I))
+           reconstruction             prior matching
+
+The decoder here is a categorical distribution over the 17 grey levels of each pixel, so the
+bound is a bound on the discrete likelihood of the book's protocol, in nats per image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlearn import datasets
+from dlearn.distributions import NUM_LEVELS, check_levels, kl_normal_diag, levels_to_unit, log_categorical_pixels
+from dlearn.elbo import log_mean_exp
+from dlearn.train import TrainConfig, TrainResult, fit
+
+
+@dataclass
+class VAEConfig:
+    """Architecture of `ConvVAE`: latent size, conv widths at 8x8 and 4x4, hidden width, dropout."""
+
+    latent_dim: int = 16
+    channels: tuple[int, int] = (32, 64)
+    hidden: int = 256
+    dropout: float = 0.1
+
+
+class ConvEncoder(nn.Module):
+    """8x8 image in [-1, 1] -> a vector of `out_dim` (two convs at 8x8, a strided conv to 4x4, an MLP)."""
+
+    def __init__(self, out_dim: int, channels=(32, 64), hidden: int = 256, dropout: float = 0.0, in_ch: int = 1):
+        super().__init__()
+        c1, c2 = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(in_ch, c1, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.SiLU(),  # 8x8 -> 4x4
+            nn.Conv2d(c2, c2, 3, padding=1), nn.SiLU(),
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(16 * c2, hidden), nn.SiLU(), nn.Linear(hidden, out_dim),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvDecoder(nn.Module):
+    """A vector -> per-pixel logits over the 17 grey levels, shape (B, 17, 1, 8, 8)."""
+
+    def __init__(self, in_dim: int, channels=(32, 64), hidden: int = 256, dropout: float = 0.0):
+        super().__init__()
+        c1, c2 = channels
+        self.c2 = c2
+        self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, 16 * c2), nn.SiLU())
+        self.conv = nn.Sequential(
+            nn.Conv2d(c2, c2, 3, padding=1), nn.SiLU(),
+            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.SiLU(),  # 4x4 -> 8x8
+            nn.Conv2d(c1, c1, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(c1, NUM_LEVELS, 3, padding=1),
+        )  # fmt: skip
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).reshape(-1, self.c2, 4, 4)
+        return self.conv(h).unsqueeze(2)  # (B, 17, 1, 8, 8)
+
+
+class ConvVAE(nn.Module):
+    """A convolutional VAE with a diagonal-Gaussian encoder, N(0, I) prior and categorical pixels."""
+
+    def __init__(self, config: VAEConfig | None = None, **kwargs):
+        super().__init__()
+        self.config = config or VAEConfig(**kwargs)
+        c = self.config
+        self.encoder = ConvEncoder(2 * c.latent_dim, c.channels, c.hidden, c.dropout)
+        self.decoder = ConvDecoder(c.latent_dim, c.channels, c.hidden, c.dropout)
+
+    def encode(self, x_levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z | x): mean and log-variance, each (B, latent_dim), from grey levels (B, 1, 8, 8)."""
+        x = levels_to_unit(x_levels).to(next(self.parameters()).device)
+        mean, logvar = self.encoder(x).chunk(2, dim=-1)
+        return mean, logvar.clamp(-12, 8)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """p(x | z): logits of shape (B, 17, 1, 8, 8)."""
+        return self.decoder(z)
+
+
+def _check_images(x_levels: torch.Tensor) -> torch.Tensor:
+    x_levels = check_levels(x_levels, "x_levels")
+    if x_levels.ndim != 4 or x_levels.shape[1:] != (1, 8, 8):
+        raise ValueError(f"expected digits of shape (B, 1, 8, 8) as grey levels, got {tuple(x_levels.shape)}")
+    return x_levels
+
+
+def elbo_terms(model: ConvVAE, x_levels: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """One-sample estimate of the ELBO's two terms per image, in nats.
+
+    Returns:
+        {"reconstruction": E_q log p(x | z) (one z), "kl": KL(q(z | x) || N(0, I)) (exact),
+         "neg_elbo": kl - reconstruction}, each of shape (B,).
+    """
+    x_levels = _check_images(x_levels)
+    mean, logvar = model.encode(x_levels)
+    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    z = mean + (0.5 * logvar).exp() * eps  # reparameterisation (Luo eq. 19/20 area; Kingma & Welling 2014)
+    recon = log_categorical_pixels(x_levels.to(mean.device), model.decode(z))
+    kl = kl_normal_diag(mean, logvar)
+    return {"reconstruction": recon, "kl": kl, "neg_elbo": kl - recon}
+
+
+@torch.no_grad()
+def iwae_bound(model: ConvVAE, x_levels: torch.Tensor, num_samples: int = 1000, generator=None, chunk: int = 20_000) -> torch.Tensor:
+    """Importance-weighted lower bound on log p(x) with K = num_samples samples of q, per image (B,).
+
+        log p(x) >= log (1/K) sum_k p(x | z_k) p(z_k) / q(z_k | x),  z_k ~ q(z | x)   (Burda et al. 2016)
+    """
+    x_levels = _check_images(x_levels)
+    out = []
+    per_chunk = max(1, chunk // num_samples)
+    for i in range(0, len(x_levels), per_chunk):
+        xb = x_levels[i : i + per_chunk]
+        mean, logvar = model.encode(xb)
+        b, k = mean.shape
+        eps = torch.randn((num_samples, b, k), generator=generator).to(mean.device)
+        z = mean + (0.5 * logvar).exp() * eps  # (K, B, k)
+        log_q = (-0.5 * (math.log(2 * math.pi) + logvar + eps**2)).sum(-1)
+        log_prior = (-0.5 * (math.log(2 * math.pi) + z**2)).sum(-1)
+        logits = model.decode(z.reshape(-1, k))
+        x_rep = xb.to(mean.device).expand(num_samples, *xb.shape).reshape(-1, *xb.shape[1:])
+        log_lik = log_categorical_pixels(x_rep, logits).reshape(num_samples, b)
+        out.append(log_mean_exp(log_lik + log_prior - log_q, dim=0))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, split: str = "test", num_samples: int = 1000, seed: int = 0, elbo_samples: int = 10,
+    elbo_fn=None, iwae_fn=None,
+) -> dict[str, float]:
+    """The likelihood protocol: mean negative ELBO and negative IWAE-K bound on a split, in nats per image.
+
+    The ELBO is averaged over `elbo_samples` draws per image (its expectation, not one noisy draw).
+    `elbo_fn` and `iwae_fn` default to this module's `elbo_terms` and `iwae_bound`; the HVAE passes its own.
+    """
+    elbo_fn, iwae_fn = elbo_fn or elbo_terms, iwae_fn or iwae_bound
+    x, _ = datasets.digits(split)
+    g = torch.Generator().manual_seed(seed)
+    model.eval()
+    neg_elbo = torch.stack([elbo_fn(model, x, g)["neg_elbo"] for _ in range(elbo_samples)]).mean(0)
+    neg_iwae = -iwae_fn(model, x, num_samples, g)
+    return {"neg_elbo": neg_elbo.mean().item(), f"neg_iwae_{num_samples}": neg_iwae.mean().item()}
+
+
+def train_vae(
+    seed: int = 0, max_steps: int = 6000, config: VAEConfig | None = None, lr: float = 2e-3, progress: bool | None = None,
+    **config_kwargs,
+) -> tuple[ConvVAE, TrainResult]:
+    """The zoo recipe for a VAE: Adam on the negative ELBO, early-stopped on the validation negative ELBO."""
+    x_train, _ = datasets.digits("train")
+    x_val, _ = datasets.digits("val")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ConvVAE(config or VAEConfig(**config_kwargs))
+
+    def loss_fn(m, batch, gen):
+        return elbo_terms(m, batch[0], gen)["neg_elbo"].mean()
+
+    def val_fn(m):
+        g = torch.Generator().manual_seed(1234)
+        return torch.stack([elbo_terms(m, x_val, g)["neg_elbo"] for _ in range(4)]).mean().item()
+
+    cfg = TrainConfig(max_steps=max_steps, batch_size=64, lr=lr, eval_every=100, patience=12, seed=seed, progress=progress)
+    result = fit(model, loss_fn, (x_train,), cfg, val_fn)
+    return model.eval(), result
+
+
+# --------------------------------------------------------------------------------------------
+# V7: two gradient estimators of d/dmu E_{z ~ N(mu, sigma^2)}[f(z)]
+# --------------------------------------------------------------------------------------------
+
+
+def reparam_gradient_samples(f, mu: float, sigma: float, num_samples: int, generator=None) -> torch.Tensor:
+    """Per-sample reparameterisation estimates of d/dmu E[f(z)], z = mu + sigma eps: f'(mu + sigma eps), shape (N,).
+
+    Each z_i depends on mu with dz_i/dmu = 1, so one backward pass through f(z).sum() gives every
+    sample's own estimate f'(z_i).
+    """
+    eps = torch.randn(num_samples, generator=generator, dtype=torch.float64)
+    z = (mu + sigma * eps).requires_grad_(True)
+    (per_sample,) = torch.autograd.grad(f(z).sum(), z)
+    return per_sample
+
+
+def score_function_gradient_samples(f, mu: float, sigma: float, num_samples: int, generator=None, baseline: float | None = None) -> torch.Tensor:
+    """Per-sample score-function (REINFORCE) estimates (f(z) - b) (z - mu) / sigma^2 of d/dmu E[f(z)], shape (N,).
+
+    Args:
+        baseline: b, a constant subtracted from f (None: no baseline). Unbiased for any constant b.
+    """
+    eps = torch.randn(num_samples, generator=generator, dtype=torch.float64)
+    z = mu + sigma * eps
+    fz = f(z) - (baseline or 0.0)
+    return fz * (z - mu) / sigma**2
+
+
+# --------------------------------------------------------------------------------------------
+# V9: a linear-Gaussian VAE recovers probabilistic PCA
+# --------------------------------------------------------------------------------------------
+
+
+def ppca_fit(x: torch.Tensor, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Maximum-likelihood probabilistic PCA (Tipping & Bishop 1999, Eqs. 7-8).
+
+        sigma2 = mean of the d - k smallest eigenvalues of the sample covariance
+        W      = U_k (Lambda_k - sigma2 I)^{1/2}
+
+    Args:
+        x: data, shape (N, d).
+
+    Returns:
+        W (d, k), b = the data mean (d,), sigma2.
+    """
+    x = x.double()
+    b = x.mean(0)
+    cov = (x - b).T @ (x - b) / x.shape[0]  # the ML (biased) covariance
+    vals, vecs = torch.linalg.eigh(cov)
+    vals, vecs = vals.flip(0), vecs.flip(1)
+    sigma2 = vals[latent_dim:].mean().item()
+    w = vecs[:, :latent_dim] * (vals[:latent_dim] - sigma2).clamp(min=0).sqrt()
+    return w, b, sigma2
+
+
+def ppca_log_likelihood(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, sigma2: float) -> torch.Tensor:
+    """log N(x; b, W W^T + sigma2 I) per row, shape (N,)."""
+    cov = w @ w.T + sigma2 * torch.eye(w.shape[0], dtype=torch.float64)
+    return torch.distributions.MultivariateNormal(b, cov).log_prob(x.double())
+
+
+class LinearGaussianVAE(nn.Module):
+    """A VAE whose encoder and decoder are linear: q(z | x) = N(A x + c, diag(s)), p(x | z) = N(W z + b, sigma2 I)."""
+
+    def __init__(self, data_dim: int, latent_dim: int):
+        super().__init__()
+        self.enc = nn.Linear(data_dim, latent_dim).double()
+        self.enc_logvar = nn.Parameter(torch.zeros(latent_dim, dtype=torch.float64))
+        self.dec = nn.Linear(latent_dim, data_dim).double()
+        self.log_sigma2 = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def elbo(self, x: torch.Tensor) -> torch.Tensor:
+        """The ELBO in closed form (the Gaussian decoder's expectation is analytic), per row, shape (N,).
+
+            E_q log p(x | z) = -d/2 log(2 pi sigma2) - (|x - W m - b|^2 + tr(W diag(s) W^T)) / (2 sigma2)
+        """
+        x = x.double()
+        d = x.shape[1]
+        m, s = self.enc(x), self.enc_logvar.exp()
+        w = self.dec.weight
+        resid = x - self.dec(m)
+        sigma2 = self.log_sigma2.exp()
+        recon = -0.5 * d * (math.log(2 * math.pi) + self.log_sigma2) - ((resid**2).sum(1) + (w**2 @ s)) / (2 * sigma2)
+        kl = 0.5 * (m**2 + s - self.enc_logvar - 1).sum(1)
+        return recon - kl
+
+
+def fit_linear_vae(x: torch.Tensor, latent_dim: int, steps: int = 4000, lr: float = 0.02, seed: int = 0) -> LinearGaussianVAE:
+    """Train a `LinearGaussianVAE` on all of x (full batch, Adam) to convergence."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LinearGaussianVAE(x.shape[1], latent_dim)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        opt.zero_grad()
+        (-model.elbo(x).mean()).backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def reconstruction_mse(model: ConvVAE, x_levels: torch.Tensor) -> float:
+    """Mean squared error in [-1, 1] units between images and the decoder's mean at z = E[z | x]."""
+    with torch.no_grad():
+        mean, _ = model.encode(x_levels)
+        probs = F.softmax(model.decode(mean), dim=1)  # (B, 17, 1, 8, 8)
+        values = torch.linspace(-1, 1, NUM_LEVELS, device=probs.device).reshape(1, -1, 1, 1, 1)
+        recon = (probs * values).sum(1)
+    return ((recon.cpu() - levels_to_unit(x_levels)) ** 2).mean().item()
