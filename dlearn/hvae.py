@@ -36,44 +36,110 @@ INFERENCE = ("markov", "top_down")
 
 
 def markov_posterior_factors(model: TwoLevelLinearGaussian, x: torch.Tensor):
-    """The exact posterior factorised as the Markov encoder q(z1 | x) q(z2 | z1) (H2).
+    """The exact posterior written as a Markov encoder q(z1 | x) q(z2 | z1) (H2).
 
-    Because z2 -> z1 -> x is a chain, p(z2 | z1, x) = p(z2 | z1), so the true posterior is
-    p(z1 | x) p(z2 | z1). Returns (mean1 (B, k1), cov1 (k1, k1)) and a function z1 -> (mean2, cov2).
+    Because z2 -> z1 -> x is a chain, p(z2 | z1, x) = p(z2 | z1): the true posterior is
+    p(z1 | x) p(z2 | z1), and the second factor is linear-Gaussian, N(gain z1 + offset, cov2).
+
+    Returns:
+        (mean1 (B, k1), cov1 (k1, k1)) and (gain (k2, k1), offset (k2,), cov2 (k2, k2)).
     """
     k2, k1, _ = model.dims
     mean, cov = model.posterior(x)  # over the stacked (z2, z1)
-    mean1, cov1 = mean[:, k2:], cov[k2:, k2:]
     jm, jc = model.joint_mean_cov()
+    prior = jc[: k2 + k1, : k2 + k1]  # joint prior of (z2, z1)
+    gain = torch.linalg.solve(prior[k2:, k2:], prior[k2:, :k2]).T  # S_21 S_11^{-1}
+    offset = jm[:k2] - gain @ jm[k2 : k2 + k1]
+    cov2 = prior[:k2, :k2] - gain @ prior[k2:, :k2]
+    return (mean[:, k2:], cov[k2:, k2:]), (gain, offset, 0.5 * (cov2 + cov2.T))
 
-    def z2_given_z1(z1: torch.Tensor):
-        return datasets.gaussian_condition(jm[: k2 + k1], jc[: k2 + k1, : k2 + k1], list(range(k2, k2 + k1)), z1)
 
-    return (mean1, cov1), z2_given_z1
-
-
-def markov_elbo_monte_carlo(model: TwoLevelLinearGaussian, x, q1, q2_given_z1, num_samples: int, generator=None):
-    """Monte Carlo estimate of the Markovian HVAE bound for Gaussian encoders (H3), per point.
-
-    Args:
-        q1: (mean (B, k1), cov (k1, k1)) of q(z1 | x).
-        q2_given_z1: z1 (N*B, k1) -> (mean (N*B, k2), cov (k2, k2)) of q(z2 | z1).
+def markov_q_joint(q1, q2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joint Gaussian over the stacked (z2, z1) of q(z1 | x) = N(m1, C1), q(z2 | z1) = N(A z1 + c, C2).
 
     Returns:
-        (estimate, standard error), each (B,).
+        means (B, k2 + k1) and covariance (k2 + k1, k2 + k1).
+    """
+    (m1, c1), (a, c, c2) = q1, q2
+    mean = torch.cat([m1 @ a.T + c, m1], dim=-1)
+    cov = torch.cat([torch.cat([a @ c1 @ a.T + c2, a @ c1], 1), torch.cat([c1 @ a.T, c1], 1)])
+    return mean, cov
+
+
+def _expected_log_normal(lin: torch.Tensor, shift: torch.Tensor, var: float, mean: torch.Tensor, cov: torch.Tensor):
+    """E_w[log N(lin w + shift; 0, var I)] for w ~ N(mean, cov): uses E|L w + s|^2 = |L m + s|^2 + tr(L S L^T)."""
+    resid = mean @ lin.T + shift
+    sq = (resid**2).sum(-1) + torch.trace(lin @ cov @ lin.T)
+    return -0.5 * (lin.shape[0] * math.log(2 * math.pi * var) + sq / var)
+
+
+def markov_elbo_closed_form(model: TwoLevelLinearGaussian, x: torch.Tensor, q1, q2) -> torch.Tensor:
+    """The Markovian HVAE bound of TB1's two-level model for a Gaussian Markov encoder, in closed form (H3).
+
+        E_q[log p(z2) + log p(z1 | z2) + log p(x | z1)] + H[q(z1, z2 | x)],
+
+    each expectation of a Gaussian log-density of a linear function of w = (z2, z1) under the Gaussian q.
+    """
+    k2, k1, d = model.dims
+    mean, cov = markov_q_joint(q1, q2)
+    eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
+    pick_z2 = torch.cat([eye(k2), torch.zeros(k2, k1, dtype=torch.float64)], 1)
+    pick_z1 = torch.cat([torch.zeros(k1, k2, dtype=torch.float64), eye(k1)], 1)
+    log_p_z2 = _expected_log_normal(pick_z2, torch.zeros(k2, dtype=torch.float64), 1.0, mean, cov)
+    log_p_z1 = _expected_log_normal(pick_z1 - model.a @ pick_z2, torch.zeros(k1, dtype=torch.float64), model.s1, mean, cov)
+    x = torch.as_tensor(x, dtype=torch.float64)
+    resid_x = -(x - model.bias)  # x - B z1 - b = -(B z1 - (x - b))
+    lin = model.b_weight @ pick_z1
+    log_p_x = -0.5 * (
+        d * math.log(2 * math.pi * model.s0)
+        + (((mean @ lin.T + resid_x) ** 2).sum(-1) + torch.trace(lin @ cov @ lin.T)) / model.s0
+    )
+    entropy = torch.distributions.MultivariateNormal(mean, cov).entropy()
+    return log_p_z2 + log_p_z1 + log_p_x + entropy
+
+
+def markov_elbo_monte_carlo(model: TwoLevelLinearGaussian, x, q1, q2, num_samples: int, generator=None):
+    """Monte Carlo estimate of the same bound from samples of the Markov encoder, per point (H3).
+
+    Returns:
+        (estimate, standard error), each (B,); also usable for any q1 (mean (B, k1), cov) and q2 (gain, offset, cov).
     """
     mvn = torch.distributions.MultivariateNormal
+    (m1, c1), (a, c, c2) = q1, q2
     k2, k1, _ = model.dims
     b = x.shape[0]
-    chol1 = torch.linalg.cholesky(q1[1])
     eps1 = torch.randn(num_samples, b, k1, generator=generator, dtype=torch.float64)
-    z1 = q1[0] + eps1 @ chol1.T
-    m2, c2 = q2_given_z1(z1.reshape(-1, k1))
-    eps2 = torch.randn(num_samples * b, k2, generator=generator, dtype=torch.float64)
-    z2 = (m2 + eps2 @ torch.linalg.cholesky(c2).T).reshape(num_samples, b, k2)
-    log_q = mvn(q1[0], q1[1]).log_prob(z1) + mvn(m2, c2).log_prob(z2.reshape(-1, k2)).reshape(num_samples, b)
+    z1 = m1 + eps1 @ torch.linalg.cholesky(c1).T  # z1 ~ q(z1 | x)
+    m2 = z1 @ a.T + c
+    eps2 = torch.randn(num_samples, b, k2, generator=generator, dtype=torch.float64)
+    z2 = m2 + eps2 @ torch.linalg.cholesky(c2).T  # z2 ~ q(z2 | z1)
+    log_q = mvn(m1, c1).log_prob(z1) + mvn(m2, c2).log_prob(z2)
     terms = model.log_joint(x, z1, z2) - log_q
     return terms.mean(0), terms.std(0) / math.sqrt(num_samples)
+
+
+class FixedGaussianEncoder(nn.Module):
+    """H4's bridge to chapter 04: a Markov encoder with no learnable parameters.
+
+        q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, (1 - alpha_t) I),  t = 1..T
+
+    Every latent has the data's dimension; the schedule `alphas` is a buffer, not a parameter.
+    """
+
+    def __init__(self, alphas: torch.Tensor):
+        super().__init__()
+        alphas = torch.as_tensor(alphas, dtype=torch.float64)
+        if alphas.ndim != 1 or not ((alphas > 0) & (alphas < 1)).all():
+            raise ValueError(f"alphas must be a 1-D tensor of values in (0, 1), got {alphas}")
+        self.register_buffer("alphas", alphas)
+
+    def forward(self, x0: torch.Tensor, generator=None) -> list[torch.Tensor]:
+        """Sample the chain x_1, ..., x_T from x_0; returns the list of latents, each shaped like x0."""
+        latents, x = [], x0
+        for a in self.alphas:
+            x = a.sqrt() * x + (1 - a).sqrt() * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            latents.append(x)
+        return latents
 
 
 # --------------------------------------------------------------------------------------------

@@ -97,7 +97,10 @@ class TrainConfig:
         max_steps: optimisation steps in all (a resumed run counts the steps already taken).
         batch_size: examples per step, drawn uniformly with replacement.
         lr, weight_decay: AdamW's learning rate and decoupled weight decay.
+        lr_schedule: "constant", or "cosine": lr * (1 + cos(pi * step / max_steps)) / 2.
         grad_clip: clip the global gradient norm to this (None: no clipping).
+        ema: keep an exponential moving average of the weights with this decay (e.g. 0.999) and
+            evaluate, keep and return the averaged weights (None: no average).
         eval_every: evaluate `val_fn` (and checkpoint) every this many steps, and at the end.
         patience: stop after this many evaluations without improvement (None: never stop early).
         higher_is_better: the validation metric's direction (False for losses, True for accuracy).
@@ -111,7 +114,9 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"
     grad_clip: float | None = 1.0
+    ema: float | None = None
     eval_every: int = 100
     patience: int | None = None
     higher_is_better: bool = False
@@ -125,14 +130,27 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.patience is not None and self.patience <= 0:
             raise ValueError(f"patience must be a positive number of evaluations or None, got {self.patience}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema must be a decay in (0, 1) or None, got {self.ema}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step `step` (0-based)."""
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * step / self.max_steps))
+        return self.lr
 
     # Fields that may change between an interrupted run and its resumption.
-    _RESUMABLE_CHANGES = ("max_steps", "patience", "checkpoint_dir", "progress")
+    _RESUMABLE_CHANGES = ("max_steps", "patience", "checkpoint_dir", "progress")  # (cosine: max_steps matters)
 
     def fingerprint(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self._RESUMABLE_CHANGES}
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._RESUMABLE_CHANGES}
+        if self.lr_schedule == "cosine":
+            keep["max_steps"] = self.max_steps
+        return keep
 
 
 @dataclass
@@ -193,8 +211,9 @@ def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _save_checkpoint(path: Path, model, opt, gen, config, progress_state: dict) -> None:
+def _save_checkpoint(path: Path, model, opt, gen, config, progress_state: dict, ema_state=None) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in (ema_state or {}).items()})
     opt_tensors, opt_meta = _optimizer_to_tensors(opt)
     tensors.update(opt_tensors)
     tensors["rng.generator"] = gen.get_state()
@@ -243,6 +262,7 @@ def fit(
     sign = -1.0 if config.higher_is_better else 1.0  # internally lower is better
     st = {"step": 0, "best_step": None, "best_metric": None, "bad_evals": 0, "history": [], "stopped_early": False}
     best_state = None
+    ema_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if config.ema else None
     start = time.perf_counter()
 
     with torch.random.fork_rng(devices=[]):
@@ -260,6 +280,8 @@ def fit(
             gen.set_state(tensors["rng.generator"])
             torch.set_rng_state(tensors["rng.torch"])
             st = {k: meta[k] for k in st}
+            if ema_state is not None:
+                ema_state = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}
             if (ckpt_dir / "best.safetensors").exists():
                 best_state = load_safetensors(ckpt_dir / "best.safetensors")[0]
 
@@ -269,6 +291,10 @@ def fit(
             if val_fn is not None:
                 was_training = model.training
                 model.eval()
+                live = None
+                if ema_state is not None:  # evaluate (and keep) the averaged weights
+                    live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    model.load_state_dict(ema_state)
                 with torch.no_grad():
                     metric = float(val_fn(model))
                 model.train(was_training)
@@ -284,9 +310,11 @@ def fit(
                     st["bad_evals"] += 1
                     if config.patience is not None and st["bad_evals"] >= config.patience:
                         st["stopped_early"] = True
+                if live is not None:
+                    model.load_state_dict(live)
             st["history"].append(record)
             if ckpt_dir is not None:
-                _save_checkpoint(ckpt_dir / "last.safetensors", model, opt, gen, config, st)
+                _save_checkpoint(ckpt_dir / "last.safetensors", model, opt, gen, config, st, ema_state)
 
         model.train()
         bar = tqdm(total=config.max_steps, initial=st["step"], disable=not show_progress(config.progress), leave=False)
@@ -302,11 +330,20 @@ def fit(
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {st['step']}: lower lr or check the inputs")
                 # 3. gradient step
+                for group in opt.param_groups:
+                    group["lr"] = config.lr_at(st["step"])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 opt.step()
+                if ema_state is not None:
+                    with torch.no_grad():
+                        for k, v in model.state_dict().items():
+                            if v.is_floating_point():
+                                ema_state[k].lerp_(v, 1 - config.ema)
+                            else:
+                                ema_state[k].copy_(v)
                 st["step"] += 1
                 running, count = running + loss.item(), count + 1
                 bar.update(1)
@@ -317,14 +354,16 @@ def fit(
                     bar.set_postfix({k: f"{v:.4g}" for k, v in st["history"][-1].items() if k != "step"})
         except KeyboardInterrupt:
             if ckpt_dir is not None:
-                _save_checkpoint(ckpt_dir / "last.safetensors", model, opt, gen, config, st)
+                _save_checkpoint(ckpt_dir / "last.safetensors", model, opt, gen, config, st, ema_state)
             raise
         finally:
             bar.close()
 
-    # 5. the best weights
+    # 5. the best weights (the average's, with ema), else the last (average)
     if best_state is not None:
         model.load_state_dict(best_state)
+    elif ema_state is not None:
+        model.load_state_dict(ema_state)
     return TrainResult(
         steps=st["step"],
         best_step=st["best_step"],

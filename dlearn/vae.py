@@ -183,6 +183,38 @@ def train_vae(
 
 
 # --------------------------------------------------------------------------------------------
+# V2, V3, V5: the two terms of the ELBO on TB1, in closed form
+# --------------------------------------------------------------------------------------------
+
+
+def reconstruction_term(model: datasets.LinearGaussianLatent, x, q_mean, q_cov) -> torch.Tensor:
+    """E_q[log p(x | z)] for TB1 and q = N(q_mean, q_cov), exactly, shape (B,).
+
+        = -d/2 log(2 pi s2) - (|x - W m - b|^2 + tr(W S W^T)) / (2 s2)
+    """
+    x, q_mean, q_cov = (torch.as_tensor(t, dtype=torch.float64) for t in (x, q_mean, q_cov))
+    resid = x - q_mean @ model.weight.T - model.bias
+    tr = torch.diagonal(model.weight @ q_cov @ model.weight.T, dim1=-2, dim2=-1).sum(-1)
+    return -0.5 * model.data_dim * math.log(2 * math.pi * model.sigma2) - ((resid**2).sum(-1) + tr) / (2 * model.sigma2)
+
+
+def prior_matching_term(q_mean, q_cov) -> torch.Tensor:
+    """KL(N(q_mean, q_cov) || N(0, I)) exactly, shape (B,): 1/2 (|m|^2 + tr S - k - log det S)."""
+    q_mean, q_cov = torch.as_tensor(q_mean, dtype=torch.float64), torch.as_tensor(q_cov, dtype=torch.float64)
+    k = q_mean.shape[-1]
+    tr = torch.diagonal(q_cov, dim1=-2, dim2=-1).sum(-1)
+    return 0.5 * ((q_mean**2).sum(-1) + tr - k - torch.logdet(q_cov))
+
+
+def reconstruction_monte_carlo(model: datasets.LinearGaussianLatent, x, q_mean, q_cov, num_samples: int, generator=None):
+    """(1/L) sum_l log p(x | z_l), z_l ~ q: the Monte Carlo reconstruction term (Luo Sec. 2.2), shape (B,)."""
+    chol = torch.linalg.cholesky(torch.as_tensor(q_cov, dtype=torch.float64))
+    eps = torch.randn(num_samples, *q_mean.shape, generator=generator, dtype=torch.float64)
+    z = q_mean + (chol @ eps[..., None])[..., 0] if chol.ndim == 3 else q_mean + eps @ chol.T
+    return model.log_likelihood(x, z).mean(0)
+
+
+# --------------------------------------------------------------------------------------------
 # V7: two gradient estimators of d/dmu E_{z ~ N(mu, sigma^2)}[f(z)]
 # --------------------------------------------------------------------------------------------
 

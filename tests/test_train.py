@@ -150,3 +150,48 @@ def test_a_loss_that_asks_for_the_step_gets_it(tmp_path, gen):
     train.fit(_model(), loss, (x, y), train.TrainConfig(max_steps=3, eval_every=3, checkpoint_dir=tmp_path, progress=False))
     train.fit(_model(), loss, (x, y), cfg)  # resumed: the count goes on
     assert seen == [0, 1, 2, 3, 4, 5]
+
+
+def test_cosine_schedule():
+    cfg = train.TrainConfig(max_steps=100, lr=1.0, lr_schedule="cosine")
+    assert cfg.lr_at(0) == 1.0 and cfg.lr_at(50) == pytest.approx(0.5) and cfg.lr_at(100) == pytest.approx(0.0)
+    assert train.TrainConfig(lr=0.3).lr_at(77) == 0.3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train.TrainConfig(lr_schedule="step")
+
+
+def test_ema_averages_the_weights_and_resumes_exactly(tmp_path, gen):
+    x, y = _problem(gen)
+    val = lambda m: F.mse_loss(m(x)[:, 0], y).item()  # noqa: E731
+    cfg = dict(max_steps=60, eval_every=20, lr=5e-3, ema=0.9, progress=False)
+    straight = _model()
+    r1 = train.fit(straight, _loss, (x, y), train.TrainConfig(**cfg), val)
+    assert r1.best_metric == pytest.approx(val(straight.eval()))  # the returned (averaged) weights were evaluated
+    resumed = _model()
+    train.fit(resumed, _loss, (x, y), train.TrainConfig(**{**cfg, "max_steps": 40}, checkpoint_dir=tmp_path), val)
+    resumed = _model()
+    r2 = train.fit(resumed, _loss, (x, y), train.TrainConfig(**cfg, checkpoint_dir=tmp_path), val)
+    assert r2.history == r1.history
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="ema"):
+        train.TrainConfig(ema=1.5)
+
+
+def test_ema_is_the_exponential_average(gen):
+    x, y = _problem(gen)
+    snapshots = []
+
+    def loss(m, batch, g):
+        snapshots.append(m[0].weight.detach().clone())  # the live weights before each step
+        return _loss(m, batch, g)
+
+    cfg = dict(max_steps=3, eval_every=3, lr=0.05, progress=False)
+    live = _model()
+    train.fit(live, loss, (x, y), train.TrainConfig(**cfg))  # no average: returns the live weights w3
+    averaged = _model()
+    train.fit(averaged, _loss, (x, y), train.TrainConfig(**cfg, ema=0.5))  # same run, averaged
+    avg = snapshots[0]
+    for w in [*snapshots[1:], live[0].weight.detach()]:
+        avg = 0.5 * avg + 0.5 * w
+    torch.testing.assert_close(averaged[0].weight, avg)
