@@ -92,9 +92,7 @@ def check_levels(x: torch.Tensor, name: str = "x") -> torch.Tensor:
         if not torch.equal(x, x.round()):
             raise ValueError(f"{name} must hold integer grey levels 0..16, got non-integer values")
     if x.numel() and (x.min() < 0 or x.max() > NUM_LEVELS - 1):
-        raise ValueError(
-            f"{name} must hold grey levels 0..{NUM_LEVELS - 1}, got values in [{x.min().item()}, {x.max().item()}]"
-        )
+        raise ValueError(f"{name} must hold grey levels 0..{NUM_LEVELS - 1}, got values in [{x.min().item()}, {x.max().item()}]")
     return x.long()
 
 

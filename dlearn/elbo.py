@@ -43,7 +43,9 @@ def elbo_closed_form(model: LinearGaussianLatent, x: torch.Tensor, q_mean: torch
     k, d, s2 = model.latent_dim, model.data_dim, model.sigma2
     x, q_mean, q_cov = (torch.as_tensor(t, dtype=torch.float64) for t in (x, q_mean, q_cov))
     if q_mean.shape != (x.shape[0], k) or q_cov.shape[-2:] != (k, k):
-        raise ValueError(f"need q_mean ({x.shape[0]}, {k}) and q_cov (..., {k}, {k}), got {tuple(q_mean.shape)}, {tuple(q_cov.shape)}")
+        raise ValueError(
+            f"need q_mean ({x.shape[0]}, {k}) and q_cov (..., {k}, {k}), got {tuple(q_mean.shape)}, {tuple(q_cov.shape)}"
+        )
     tr_s = torch.diagonal(q_cov, dim1=-2, dim2=-1).sum(-1)
     prior = -0.5 * k * math.log(2 * math.pi) - 0.5 * ((q_mean**2).sum(-1) + tr_s)
     resid = x - q_mean @ model.weight.T - model.bias

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dlearn import datasets
+from dlearn import datasets, vae
 from dlearn.datasets import TwoLevelLinearGaussian
-from dlearn.distributions import kl_normal_diag, log_categorical_pixels, log_normal_diag
+from dlearn.distributions import log_categorical_pixels, log_normal_diag
 from dlearn.elbo import log_mean_exp
 from dlearn.nets import MLP
 from dlearn.train import TrainConfig, TrainResult, fit
-from dlearn.vae import ConvDecoder, ConvEncoder, _check_images, levels_to_unit
+from dlearn.vae import _check_images, _upsampling_head, levels_to_unit, validation_neg_elbo
 
 INFERENCE = ("markov", "top_down")
 
@@ -152,13 +152,14 @@ class HVAEConfig:
     """Architecture and inference of `HVAE`.
 
     Args:
-        z1_dim, z2_dim: sizes of the lower and the upper latent.
+        z1_channels: the lower latent z1 is a (z1_channels, 4, 4) map, as in chapter 02's VAE.
+        z2_dim: size of the upper latent vector z2.
         inference: "markov" (q(z1 | x) q(z2 | z1), Luo's MHVAE) or "top_down" (q(z2 | x) q(z1 | x, z2)).
         residual: in top-down inference, parameterise q(z1 | x, z2) relative to p(z1 | z2).
         skip: the decoder sees z2 as well as z1 (p(x | z1, z2)); False keeps the chain Markovian.
     """
 
-    z1_dim: int = 16
+    z1_channels: int = 2
     z2_dim: int = 16
     channels: tuple[int, int] = (32, 64)
     hidden: int = 256
@@ -171,84 +172,113 @@ class HVAEConfig:
         if self.inference not in INFERENCE:
             raise ValueError(f"inference must be one of {INFERENCE}, got {self.inference!r}")
 
+    @property
+    def z1_dim(self) -> int:
+        return 16 * self.z1_channels
+
 
 def _split(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean, logvar = stats.chunk(2, dim=-1)
     return mean, logvar.clamp(-12, 8)
 
 
+def _maps_to_stats(maps: torch.Tensor) -> torch.Tensor:
+    """(N, 2C, 4, 4) mean and log-variance maps -> (N, 2 * 16C) as [means, log-variances]."""
+    c = maps.shape[1] // 2
+    return torch.cat([maps[:, :c].flatten(1), maps[:, c:].flatten(1)], dim=-1)
+
+
+def _stats_to_maps(stats: torch.Tensor, channels: int) -> torch.Tensor:
+    """Inverse of `_maps_to_stats`."""
+    mean, logvar = stats.chunk(2, dim=-1)
+    return torch.cat([mean.reshape(-1, channels, 4, 4), logvar.reshape(-1, channels, 4, 4)], dim=1)
+
+
 class HVAE(nn.Module):
-    """A two-level hierarchical VAE for the digits with categorical pixels (see the module docstring)."""
+    """A two-level hierarchical VAE for the digits with categorical pixels (see the module docstring).
+
+    z1 is a (z1_channels, 4, 4) map under a learned prior p(z1 | z2); z2 is a vector under N(0, I).
+    """
 
     def __init__(self, config: HVAEConfig | None = None, **kwargs):
         super().__init__()
         self.config = c = config or HVAEConfig(**kwargs)
-        self.encoder = ConvEncoder(c.hidden, c.channels, c.hidden, c.dropout)  # x -> h
+        c1, c2 = c.channels
+        zc = c.z1_channels
+        self.trunk = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.SiLU(),  # 8x8 -> 4x4
+            nn.Conv2d(c2, c2, 3, padding=1), nn.SiLU(), nn.Dropout(c.dropout),
+        )  # fmt: skip
         self.prior1 = MLP(c.z2_dim, (c.hidden,), 2 * c.z1_dim)  # p(z1 | z2)
         if c.inference == "markov":
-            self.q1 = nn.Linear(c.hidden, 2 * c.z1_dim)  # q(z1 | x)
+            self.q1 = nn.Conv2d(c2, 2 * zc, 3, padding=1)  # q(z1 | x)
             self.q2 = MLP(c.z1_dim, (c.hidden,), 2 * c.z2_dim)  # q(z2 | z1)
         else:
-            self.q2 = nn.Linear(c.hidden, 2 * c.z2_dim)  # q(z2 | x)
-            self.q1 = MLP(c.hidden + c.z2_dim, (c.hidden,), 2 * c.z1_dim)  # q(z1 | x, z2)
-        self.decoder = ConvDecoder(c.z1_dim + (c.z2_dim if c.skip else 0), c.channels, c.hidden, c.dropout)
+            self.q2 = MLP(16 * c2, (c.hidden,), 2 * c.z2_dim)  # q(z2 | x)
+            self.q1 = nn.Sequential(  # q(z1 | x, z2), from the features and p(z1 | z2)'s maps
+                nn.Conv2d(c2 + 2 * zc, c2, 3, padding=1), nn.SiLU(), nn.Conv2d(c2, 2 * zc, 3, padding=1)
+            )
+        self.skip = nn.Linear(c.z2_dim, 16 * zc) if c.skip else None
+        self.decoder = nn.Sequential(
+            nn.Conv2d(zc * (2 if c.skip else 1), c2, 3, padding=1), nn.SiLU(), nn.Dropout(c.dropout), _upsampling_head(c1, c2)
+        )
 
     def features(self, x_levels: torch.Tensor) -> torch.Tensor:
-        return self.encoder(levels_to_unit(x_levels).to(next(self.parameters()).device))
+        """Bottom-up features of the images, shape (B, c2, 4, 4)."""
+        return self.trunk(levels_to_unit(x_levels).to(next(self.parameters()).device))
+
+    def prior_z1(self, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(z1 | z2): mean and log-variance, each (N, z1_dim)."""
+        return _split(self.prior1(z2))
 
     def decode(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        """p(x | z1[, z2]): logits (B, 17, 1, 8, 8)."""
-        return self.decoder(torch.cat([z1, z2], -1) if self.config.skip else z1)
-
-    def prior_z1(self, z2: torch.Tensor):
-        """p(z1 | z2): mean and log-variance."""
-        return _split(self.prior1(z2))
+        """p(x | z1[, z2]): logits (N, 17, 1, 8, 8) from z1 (N, z1_dim) and z2 (N, z2_dim)."""
+        zc = self.config.z1_channels
+        h = z1.reshape(-1, zc, 4, 4)
+        if self.skip is not None:
+            h = torch.cat([h, self.skip(z2).reshape(-1, zc, 4, 4)], dim=1)
+        return self.decoder(h).unsqueeze(2)
 
 
 def _draw(model: HVAE, x_levels: torch.Tensor, num_samples: int, generator) -> dict[str, torch.Tensor]:
     """Draw K samples of (z1, z2) from q for each image and return the terms of the bound, each (K, B).
 
-    Keys: "log_lik" log p(x | z), "log_p_z" log p(z1 | z2) + log p(z2), "log_q_z" log q(z | x), and the
-    analytic KLs "kl1" and "kl2" where they exist given the parent sample (for training).
+    Keys: "log_lik" log p(x | z), "log_p_z" log p(z1 | z2) + log p(z2), "log_q_z" log q(z | x), and in
+    top-down inference the per-dimension analytic KLs "kl1_dims", "kl2_dims" given the parent sample.
     """
     c = model.config
-    h = model.features(x_levels)  # (B, hidden)
-    b, k = h.shape[0], num_samples
-    dev = h.device
-    eps1 = torch.randn((k, b, c.z1_dim), generator=generator).to(dev)
-    eps2 = torch.randn((k, b, c.z2_dim), generator=generator).to(dev)
-    hk = h.expand(k, *h.shape)
+    h = model.features(x_levels)  # (B, c2, 4, 4)
+    b, k, dev = h.shape[0], num_samples, h.device
+    eps1 = torch.randn((k * b, c.z1_dim), generator=generator).to(dev)
+    eps2 = torch.randn((k * b, c.z2_dim), generator=generator).to(dev)
+    hk = h.expand(k, *h.shape).reshape(k * b, *h.shape[1:])  # sample-major: row s * B + i
     if c.inference == "top_down":
-        m2, lv2 = _split(model.q2(hk))
+        m2, lv2 = _split(model.q2(hk.flatten(1)))
         z2 = m2 + (0.5 * lv2).exp() * eps2
         pm1, plv1 = model.prior_z1(z2)
-        d_m1, d_lv1 = _split(model.q1(torch.cat([hk, z2], -1)))
-        m1, lv1 = (pm1 + d_m1, plv1 + d_lv1) if c.residual else (d_m1, d_lv1)
-        lv1 = lv1.clamp(-12, 8)
+        prior_maps = _stats_to_maps(torch.cat([pm1, plv1], -1), c.z1_channels)
+        d_m1, d_lv1 = _split(_maps_to_stats(model.q1(torch.cat([hk, prior_maps], 1))))
+        m1, lv1 = (pm1 + d_m1, (plv1 + d_lv1).clamp(-12, 8)) if c.residual else (d_m1, d_lv1)
         z1 = m1 + (0.5 * lv1).exp() * eps1
     else:
-        m1, lv1 = _split(model.q1(hk))
+        m1, lv1 = _split(_maps_to_stats(model.q1(hk)))
         z1 = m1 + (0.5 * lv1).exp() * eps1
         m2, lv2 = _split(model.q2(z1))
         z2 = m2 + (0.5 * lv2).exp() * eps2
         pm1, plv1 = model.prior_z1(z2)
-    per_point = lambda t: t.reshape(k * b, -1)  # noqa: E731  (K, B, d) -> (K*B, d) for the summing helpers
-    log_q = log_normal_diag(per_point(z1), per_point(m1), per_point(lv1)) + log_normal_diag(
-        per_point(z2), per_point(m2), per_point(lv2)
-    )
-    log_p = log_normal_diag(per_point(z1), per_point(pm1), per_point(plv1)) + log_normal_diag(
-        per_point(z2), torch.zeros_like(per_point(z2)), torch.zeros_like(per_point(z2))
-    )
-    logits = model.decode(per_point(z1), per_point(z2))
+    zeros = torch.zeros_like(z2)
+    log_q = log_normal_diag(z1, m1, lv1) + log_normal_diag(z2, m2, lv2)
+    log_p = log_normal_diag(z1, pm1, plv1) + log_normal_diag(z2, zeros, zeros)
     x_rep = x_levels.to(dev).expand(k, *x_levels.shape).reshape(-1, *x_levels.shape[1:])
     out = {
-        "log_lik": log_categorical_pixels(x_rep, logits).reshape(k, b),
+        "log_lik": log_categorical_pixels(x_rep, model.decode(z1, z2)).reshape(k, b),
         "log_p_z": log_p.reshape(k, b),
         "log_q_z": log_q.reshape(k, b),
     }
     if c.inference == "top_down":
-        out["kl1_dims"] = kl_normal_diag_elementwise(m1, lv1, pm1, plv1)
-        out["kl2_dims"] = kl_normal_diag_elementwise(m2, lv2, 0.0, 0.0)
+        out["kl1_dims"] = kl_normal_diag_elementwise(m1, lv1, pm1, plv1).reshape(k, b, -1)
+        out["kl2_dims"] = kl_normal_diag_elementwise(m2, lv2, 0.0, 0.0).reshape(k, b, -1)
     return out
 
 
@@ -306,24 +336,32 @@ def training_loss(model: HVAE, x_levels, generator, step: int, warmup_steps: int
 
 
 def train_hvae(
-    seed: int = 0, max_steps: int = 8000, config: HVAEConfig | None = None, lr: float = 2e-3, warmup_steps: int = 0,
-    free_bits: float = 0.0, progress: bool | None = None, **config_kwargs,
+    seed: int = 0,
+    max_steps: int = 8000,
+    lr: float = 1e-3,
+    ema: float | None = 0.999,
+    warmup_steps: int = 0,
+    free_bits: float = 0.0,
+    progress: bool | None = None,
+    **config_kwargs,
 ) -> tuple[HVAE, TrainResult]:
-    """The zoo recipe for the HVAE: Adam on `training_loss`, early-stopped on the validation negative ELBO."""
+    """The zoo recipe for the HVAE: chapter 02's recipe (AdamW, cosine decay, weight average, best
+    validation bound) on `training_loss`, optionally with KL warm-up and free bits."""
     x_train, _ = datasets.digits("train")
-    x_val, _ = datasets.digits("val")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = HVAE(config or HVAEConfig(**config_kwargs))
+        model = HVAE(HVAEConfig(**config_kwargs))
 
     def loss_fn(m, batch, gen, step):
         return training_loss(m, batch[0], gen, step, warmup_steps, free_bits)
 
-    def val_fn(m):
-        g = torch.Generator().manual_seed(1234)
-        return torch.stack([elbo_terms(m, x_val, g)["neg_elbo"] for _ in range(4)]).mean().item()
-
-    patience = 12 + warmup_steps // 100  # the bound gets worse during warm-up: do not stop inside it
-    cfg = TrainConfig(max_steps=max_steps, batch_size=64, lr=lr, eval_every=100, patience=patience, seed=seed, progress=progress)
-    result = fit(model, loss_fn, (x_train,), cfg, val_fn)
+    cfg = TrainConfig(
+        max_steps=max_steps, batch_size=64, lr=lr, lr_schedule="cosine", ema=ema, eval_every=100, seed=seed, progress=progress
+    )
+    result = fit(model, loss_fn, (x_train,), cfg, val_fn=lambda m: validation_neg_elbo(m, elbo_terms))
     return model.eval(), result
+
+
+def protocol_metrics(model: HVAE) -> dict[str, float]:
+    """The zoo's record for the HVAE: chapter 02's `protocol_metrics` with this module's bound."""
+    return vae.protocol_metrics(model, elbo_fn=elbo_terms, iwae_fn=iwae_bound)

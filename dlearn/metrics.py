@@ -132,8 +132,9 @@ def frechet_distance_gaussians(mu_a, cov_a, mu_b, cov_b) -> float:
     dim = mu_a.shape[-1] if mu_a.ndim == 1 else -1
     for name, m, c in (("a", mu_a, cov_a), ("b", mu_b, cov_b)):
         if m.shape != (dim,) or c.shape != (dim, dim):
-            raise ValueError(f"mu_{name} must have shape (D,) and cov_{name} (D, D) with D = {dim}, "
-                             f"got {tuple(m.shape)} and {tuple(c.shape)}")
+            raise ValueError(
+                f"mu_{name} must have shape (D,) and cov_{name} (D, D) with D = {dim}, got {tuple(m.shape)} and {tuple(c.shape)}"
+            )
     root_a = _sqrtm_psd(cov_a)
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
     value = ((mu_a - mu_b) ** 2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross

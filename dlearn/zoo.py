@@ -35,19 +35,24 @@ class Entry:
     """One shipped model.
 
     Args:
-        build: "module:callable" returning the untrained nn.Module (called with `build_kwargs`).
-        recipe: "module:callable" (seed=..., **kwargs) -> (trained model, TrainResult).
+        build: "module:callable" returning the untrained nn.Module (called with `config`).
+        recipe: "module:callable" (seed=..., **config, **recipe_kwargs) -> (trained model, TrainResult).
         evaluate: "module:callable" model -> {metric name: float}, the numbers recorded and re-checked.
-        tolerance: how far a re-evaluation may move each metric (absolute) before the check fails.
         description: one line for `zoo list`.
+        config: the architecture, passed to both `build` and `recipe`.
+        recipe_kwargs: further settings of the recipe only.
+        seeds: the recipe runs once per seed; the first seed's weights ship, and the record holds every
+            seed's metrics with their mean and standard deviation.
+        tolerance: how far a re-evaluation may move each metric (absolute) before the check fails.
     """
 
     build: str
     recipe: str
     evaluate: str
     description: str
-    build_kwargs: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
     recipe_kwargs: dict = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
     tolerance: float = 1e-6
 
 
@@ -59,6 +64,27 @@ REGISTRY: dict[str, Entry] = {
         description="small CNN on the digits (train split, best val accuracy): accuracy, FD features",
         tolerance=1e-4,
     ),
+    "vae": Entry(
+        build="dlearn.vae:ConvVAE",
+        recipe="dlearn.vae:train_vae",
+        evaluate="dlearn.vae:protocol_metrics",
+        description="chapter 02's VAE: conv, 2x4x4 latent map, categorical pixels; likelihood protocol, 3 seeds",
+        config={"latent_channels": 2, "channels": (32, 64), "dropout": 0.1},
+        seeds=(0, 1, 2),
+        tolerance=0.05,
+    ),
+    **{
+        f"vae_z{k}": Entry(
+            build="dlearn.vae:ConvVAE",
+            recipe="dlearn.vae:train_vae",
+            evaluate="dlearn.vae:protocol_metrics",
+            description=f"chapter 02's VAE with a {k}-dimensional latent vector (latent size study, latent map)",
+            config={"latent_dim": k, "channels": (16, 32), "hidden": 128, "dropout": 0.1},
+            recipe_kwargs={"max_steps": 4000},
+            tolerance=0.05,
+        )
+        for k in (2, 8, 16)
+    },
 }
 
 
@@ -91,7 +117,7 @@ def info(name: str) -> dict:
 def build(name: str) -> nn.Module:
     """An untrained model of the entry's architecture."""
     entry = _entry(name)
-    return _resolve(entry.build)(**entry.build_kwargs)
+    return _resolve(entry.build)(**entry.config)
 
 
 def load(name: str, device: str | torch.device = "cpu") -> nn.Module:
@@ -124,29 +150,44 @@ def check(name: str) -> dict[str, tuple[float, float]]:
     return report
 
 
-def train(name: str, seed: int = 0, save: bool = True, **overrides) -> tuple[nn.Module, dict]:
-    """Run the entry's recipe, measure it, and (by default) write the weights with their metadata."""
+def train(name: str, seed: int | None = None, save: bool = True, measure: bool = True, **overrides) -> tuple[nn.Module, dict]:
+    """Run the entry's recipe once per seed (or for `seed` alone), measure each run, and (by default)
+    write the first run's weights with the metadata of all runs.
+
+    Returns:
+        the first run's model and the metadata: its metrics and training time, and under "runs" every
+        seed's metrics, with "mean" and "std" over the seeds.
+    """
     entry = _entry(name)
-    kwargs = {**entry.recipe_kwargs, **overrides}
-    start = time.perf_counter()
-    model, result = _resolve(entry.recipe)(seed=seed, **kwargs)
-    seconds = time.perf_counter() - start
+    seeds = entry.seeds if seed is None else (seed,)
+    kwargs = {**entry.config, **entry.recipe_kwargs, **overrides}
+    if save and not measure:
+        raise ValueError("weights are saved only with their measured metrics (measure=True)")
+    runs, models = [], []
+    for s in seeds:
+        start = time.perf_counter()
+        model, result = _resolve(entry.recipe)(seed=s, **kwargs)
+        seconds = round(time.perf_counter() - start, 1)
+        runs.append({"seed": s, "steps": result.steps, "best_step": result.best_step, "best_val": result.best_metric,
+                     "train_seconds": seconds, "metrics": evaluate(name, model) if measure else {}})  # fmt: skip
+        models.append(model)
+    keys = runs[0]["metrics"]
+    mean = {k: sum(r["metrics"][k] for r in runs) / len(runs) for k in keys}
+    std = {k: (sum((r["metrics"][k] - mean[k]) ** 2 for r in runs) / max(1, len(runs) - 1)) ** 0.5 for k in keys}
     metadata = {
         "name": name,
         "recipe": entry.recipe,
         "recipe_kwargs": kwargs,
-        "seed": seed,
-        "steps": result.steps,
-        "best_step": result.best_step,
-        "best_val": result.best_metric,
-        "train_seconds": round(seconds, 1),
+        **{k: runs[0][k] for k in ("seed", "steps", "best_step", "best_val", "train_seconds", "metrics")},
+        "runs": runs,
+        "mean": mean,
+        "std": std,
         "torch_threads": torch.get_num_threads(),
-        "metrics": evaluate(name, model),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     if save:
-        save_safetensors(weights_path(name), model.state_dict(), metadata)
-    return model, metadata
+        save_safetensors(weights_path(name), models[0].state_dict(), metadata)
+    return models[0], metadata
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("list", help="list the shipped models and their recorded metrics")
     p_train = sub.add_parser("train", help="run a recipe and write the weights")
     p_train.add_argument("name")
-    p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--seed", type=int, default=None, help="one seed instead of the entry's seeds")
     p_check = sub.add_parser("check", help="re-evaluate shipped weights against their recorded metrics")
     p_check.add_argument("name")
     args = parser.parse_args(argv)

@@ -32,9 +32,7 @@ def test_kl_normal_diag_matches_torch_distributions(shape, gen):
     expected = torch.distributions.kl_divergence(Normal(mq, (0.5 * lq).exp()), Normal(mp, (0.5 * lp).exp()))
     torch.testing.assert_close(D.kl_normal_diag(mq, lq, mp, lp), expected.reshape(shape[0], -1).sum(1))
     # default p is N(0, I): the VAE's closed form 1/2 sum (mu^2 + var - log var - 1)
-    torch.testing.assert_close(
-        D.kl_normal_diag(mq, lq), 0.5 * (mq**2 + lq.exp() - lq - 1).reshape(shape[0], -1).sum(1)
-    )
+    torch.testing.assert_close(D.kl_normal_diag(mq, lq), 0.5 * (mq**2 + lq.exp() - lq - 1).reshape(shape[0], -1).sum(1))
 
 
 def test_kl_is_zero_iff_equal(gen):

@@ -87,7 +87,10 @@ def test_check_E6_mc_error_falls_as_one_over_sqrt_n(tb1, gen):
     q = MVN(mean, cov)
     closed = elbo.elbo_closed_form(tb1, x, mean, cov)[0]
     ns = [10, 100, 1000, 10_000]
-    rmse = [torch.stack([elbo.elbo_monte_carlo(tb1.log_joint, q, x, n, gen)[0][0] - closed for _ in range(300)]).pow(2).mean().sqrt() for n in ns]
+    rmse = [
+        torch.stack([elbo.elbo_monte_carlo(tb1.log_joint, q, x, n, gen)[0][0] - closed for _ in range(300)]).pow(2).mean().sqrt()
+        for n in ns
+    ]
     slope = torch.linalg.lstsq(
         torch.stack([torch.log(torch.tensor(ns, dtype=torch.float64)), torch.ones(4, dtype=torch.float64)], 1),
         torch.log(torch.stack(rmse))[:, None],

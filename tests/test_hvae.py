@@ -52,7 +52,7 @@ def test_check_H3_the_bound_closed_form_monte_carlo_and_kl(tb1_2, gen):
 def test_check_H4_a_vdm_encoder_has_no_parameters():
     """H4: the VDM is an HVAE whose encoder is fixed. The HVAE learns its encoder; a fixed linear-Gaussian
     encoder (x_t = sqrt(a) x_{t-1} + sqrt(1 - a) eps) has nothing to learn."""
-    model = hvae.HVAE(z1_dim=4, z2_dim=2, channels=(8, 8), hidden=16)
+    model = hvae.HVAE(z1_channels=1, z2_dim=2, channels=(8, 8), hidden=16)
     learned_encoder = [p for n, p in model.named_parameters() if n.split(".")[0] in ("encoder", "q1", "q2")]
     assert sum(p.numel() for p in learned_encoder) > 0
     fixed = hvae.FixedGaussianEncoder(alphas=torch.tensor([0.9, 0.8]))
@@ -65,7 +65,7 @@ def test_check_H4_a_vdm_encoder_has_no_parameters():
 def test_digits_hvae_bound_terms_and_iwae(gen):
     x, _ = datasets.digits("val")
     for inference in ("markov", "top_down"):
-        model = hvae.HVAE(z1_dim=4, z2_dim=2, channels=(8, 8), hidden=16, inference=inference).eval()
+        model = hvae.HVAE(z1_channels=1, z2_dim=2, channels=(8, 8), hidden=16, inference=inference).eval()
         t = hvae.elbo_terms(model, x[:8], gen)
         torch.testing.assert_close(t["neg_elbo"], t["kl"] - t["reconstruction"])
         assert t["neg_elbo"].shape == (8,) and torch.isfinite(t["neg_elbo"]).all()
@@ -76,7 +76,7 @@ def test_digits_hvae_bound_terms_and_iwae(gen):
 
 
 def test_top_down_kl_is_analytic_and_matches_monte_carlo(gen):
-    model = hvae.HVAE(z1_dim=3, z2_dim=2, channels=(8, 8), hidden=16, inference="top_down").eval()
+    model = hvae.HVAE(z1_channels=1, z2_dim=2, channels=(8, 8), hidden=16, inference="top_down").eval()
     x, _ = datasets.digits("test")
     x = x[:4]
     # analytic KLs in the one-sample bound vs the Monte Carlo log q - log p over many draws
@@ -88,7 +88,7 @@ def test_top_down_kl_is_analytic_and_matches_monte_carlo(gen):
 
 
 def test_training_loss_reduces_to_the_elbo_and_bad_config():
-    model = hvae.HVAE(z1_dim=3, z2_dim=2, channels=(8, 8), hidden=16).eval()  # no dropout
+    model = hvae.HVAE(z1_channels=1, z2_dim=2, channels=(8, 8), hidden=16).eval()  # no dropout
     x, _ = datasets.digits("val")
     a = hvae.training_loss(model, x[:16], torch.Generator().manual_seed(3), step=0)
     b = hvae.elbo_terms(model, x[:16], torch.Generator().manual_seed(3))["neg_elbo"].mean()

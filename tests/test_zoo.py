@@ -7,9 +7,10 @@ from dlearn.train import WeightsFileError
 
 @pytest.mark.parametrize("name", sorted(zoo.REGISTRY))
 def test_each_recipe_runs_a_few_steps(name):
-    model, meta = zoo.train(name, save=False, max_steps=20, progress=False)
+    model, meta = zoo.train(name, seed=0, save=False, measure=False, max_steps=20, progress=False)
     assert meta["steps"] == 20
-    assert set(meta["metrics"]) == set(zoo.info(name)["metrics"])
+    shipped = zoo.load(name)  # the recipe builds the shipped architecture
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in shipped.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", sorted(zoo.REGISTRY))
