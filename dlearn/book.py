@@ -43,7 +43,7 @@ def execute(path: Path, timeout: int = 900):
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
-        record_timing=False, store_widget_state=False,
+        record_timing=False, store_widget_state=True,
     )  # fmt: skip
     try:
         client.execute()

@@ -414,6 +414,15 @@ def interpolate(model: ConvVAE, x_a: torch.Tensor, x_b: torch.Tensor, steps: int
     return decoder_mean(model, (1 - w) * m_a + w * m_b)
 
 
+@torch.no_grad()
+def single_label_change(model: ConvVAE, classifier: nn.Module, x_a, x_b, label_a: int, label_b: int, steps: int = 21) -> bool:
+    """Whether the classifier's label along `interpolate(model, x_a, x_b)` goes from label_a to label_b in one change."""
+    device = next(classifier.parameters()).device
+    path = interpolate(model, x_a, x_b, steps).to(device)
+    labels = classifier(path).argmax(1).cpu()
+    return bool(labels[0] == label_a and labels[-1] == label_b and int((labels[1:] != labels[:-1]).sum()) == 1)
+
+
 def reconstruction_mse(model: ConvVAE, x_levels: torch.Tensor) -> float:
     """Mean squared error in [-1, 1] units between images and the decoder's mean at z = E[z | x]."""
     with torch.no_grad():

@@ -169,10 +169,17 @@ def test_check_V8_compact_latent_reconstruction_order_and_interpolation():
     mse = {k: vae.reconstruction_mse(zoo.load(f"vae_z{k}"), x) for k in (2, 8, 16)}
     assert mse[2] > mse[8] > mse[16]
     clf = zoo.load("digits_classifier")
+    first = [int(torch.nonzero(y == c)[0]) for c in range(10)]
+    counts = {}
+    for k in (2, 16):
+        m = zoo.load(f"vae_z{k}")
+        counts[k] = sum(vae.single_label_change(m, clf, x[first[a]], x[first[b]], a, b) for a in range(10) for b in range(10) if a != b)
+    assert counts[2] >= 1 and counts[16] > counts[2]
+    # and the helper agrees with the classifier read by hand on one path
     z2 = zoo.load("vae_z2")
-    a, b = int(torch.nonzero(y == 0)[0]), int(torch.nonzero(y == 1)[0])
-    labels = metrics.predict(clf, vae.interpolate(z2, x[a], x[b], steps=21)).argmax(1)
-    assert labels[0] == 0 and labels[-1] == 1 and int((labels[1:] != labels[:-1]).sum()) == 1
+    labels = metrics.predict(clf, vae.interpolate(z2, x[first[0]], x[first[1]], steps=21)).argmax(1)
+    by_hand = bool(labels[0] == 0 and labels[-1] == 1 and int((labels[1:] != labels[:-1]).sum()) == 1)
+    assert vae.single_label_change(z2, clf, x[first[0]], x[first[1]], 0, 1) == by_hand
 
 
 def test_shipped_vae_records_three_seeds():
