@@ -8,6 +8,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 THREADS ?= 1
+# pytest workers for the unit tests (each with THREADS torch threads)
+JOBS ?= 2
 # torch: on a machine without an NVIDIA GPU the set-up installs the CPU build named here; add
 # TORCH_CPU_INDEX="--index-url https://download.pytorch.org/whl/cpu" where PyPI's default wheel is a CUDA one.
 TORCH_CPU ?= torch==2.13.0
@@ -36,7 +38,7 @@ book: env
 	$(RUN) $(PY) -m dlearn.book $(NB)
 
 unit: env
-	$(RUN) $(PY) -m pytest tests
+	$(RUN) $(PY) -m pytest -n $(JOBS) tests
 
 notebooks: env
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \

@@ -22,11 +22,11 @@ from torch import nn
 
 from dlearn import datasets, vae
 from dlearn.datasets import TwoLevelLinearGaussian
-from dlearn.distributions import log_categorical_pixels, log_normal_diag
+from dlearn.distributions import log_normal_diag
 from dlearn.elbo import log_mean_exp
 from dlearn.nets import MLP
 from dlearn.train import TrainConfig, TrainResult, fit
-from dlearn.vae import _check_images, _upsampling_head, levels_to_unit, validation_neg_elbo
+from dlearn.vae import _check_images, _upsampling_head, levels_to_unit, log_likelihood_in_pieces, validation_neg_elbo
 
 INFERENCE = ("markov", "top_down")
 
@@ -272,7 +272,7 @@ def _draw(model: HVAE, x_levels: torch.Tensor, num_samples: int, generator) -> d
     log_p = log_normal_diag(z1, pm1, plv1) + log_normal_diag(z2, zeros, zeros)
     x_rep = x_levels.to(dev).expand(k, *x_levels.shape).reshape(-1, *x_levels.shape[1:])
     out = {
-        "log_lik": log_categorical_pixels(x_rep, model.decode(z1, z2)).reshape(k, b),
+        "log_lik": log_likelihood_in_pieces(lambda sl: model.decode(z1[sl], z2[sl]), x_rep).reshape(k, b),
         "log_p_z": log_p.reshape(k, b),
         "log_q_z": log_q.reshape(k, b),
     }

@@ -162,6 +162,20 @@ def elbo_terms(model: ConvVAE, x_levels: torch.Tensor, generator: torch.Generato
     return {"reconstruction": recon, "kl": kl, "neg_elbo": kl - recon}
 
 
+def log_likelihood_in_pieces(logits_fn, x_levels: torch.Tensor, piece: int = 2000) -> torch.Tensor:
+    """log p(x_i | z_i) for many rows, decoding `piece` rows at a time: the same numbers as one big
+    batch, without materialising (N, 17, 1, 8, 8) logits for N in the hundreds of thousands (which is slow).
+
+    Args:
+        logits_fn: a slice of rows -> the decoder's logits for those rows.
+        x_levels: the images, one per row, shape (N, 1, 8, 8).
+    """
+    n = x_levels.shape[0]
+    return torch.cat(
+        [log_categorical_pixels(x_levels[i : i + piece], logits_fn(slice(i, i + piece))) for i in range(0, n, piece)]
+    )
+
+
 @torch.no_grad()
 def iwae_bound(
     model: ConvVAE, x_levels: torch.Tensor, num_samples: int = 1000, generator=None, chunk: int = 20_000
@@ -181,9 +195,9 @@ def iwae_bound(
         z = mean + (0.5 * logvar).exp() * eps  # (K, B, k)
         log_q = (-0.5 * (math.log(2 * math.pi) + logvar + eps**2)).sum(-1)
         log_prior = (-0.5 * (math.log(2 * math.pi) + z**2)).sum(-1)
-        logits = model.decode(z.reshape(-1, k))
         x_rep = xb.to(mean.device).expand(num_samples, *xb.shape).reshape(-1, *xb.shape[1:])
-        log_lik = log_categorical_pixels(x_rep, logits).reshape(num_samples, b)
+        flat = z.reshape(-1, k)
+        log_lik = log_likelihood_in_pieces(lambda sl, flat=flat: model.decode(flat[sl]), x_rep).reshape(num_samples, b)
         out.append(log_mean_exp(log_lik + log_prior - log_q, dim=0))
     return torch.cat(out)
 

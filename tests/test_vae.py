@@ -173,7 +173,9 @@ def test_check_V8_compact_latent_reconstruction_order_and_interpolation():
     counts = {}
     for k in (2, 16):
         m = zoo.load(f"vae_z{k}")
-        counts[k] = sum(vae.single_label_change(m, clf, x[first[a]], x[first[b]], a, b) for a in range(10) for b in range(10) if a != b)
+        counts[k] = sum(
+            vae.single_label_change(m, clf, x[first[a]], x[first[b]], a, b) for a in range(10) for b in range(10) if a != b
+        )
     assert counts[2] >= 1 and counts[16] > counts[2]
     # and the helper agrees with the classifier read by hand on one path
     z2 = zoo.load("vae_z2")
