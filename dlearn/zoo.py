@@ -56,6 +56,21 @@ class Entry:
     tolerance: float = 1e-6
 
 
+def _latent_model(module: str, description: str, config: dict, recipe_kwargs: dict, seeds=(0,)) -> Entry:
+    """An entry of chapter 02 ("vae") or 03 ("hvae"): its model class, recipe and likelihood protocol."""
+    model_class = {"vae": "ConvVAE", "hvae": "HVAE"}[module]
+    return Entry(
+        build=f"dlearn.{module}:{model_class}",
+        recipe=f"dlearn.{module}:train_{module}",
+        evaluate=f"dlearn.{module}:protocol_metrics",
+        description=description,
+        config=config,
+        recipe_kwargs=recipe_kwargs,
+        seeds=tuple(seeds),
+        tolerance=0.05,  # nats: the metrics are Monte Carlo estimates with a fixed seed
+    )
+
+
 REGISTRY: dict[str, Entry] = {
     "digits_classifier": Entry(
         build="dlearn.metrics:DigitClassifier",
@@ -64,55 +79,40 @@ REGISTRY: dict[str, Entry] = {
         description="small CNN on the digits (train split, best val accuracy): accuracy, FD features",
         tolerance=1e-4,
     ),
-    "vae": Entry(
-        build="dlearn.vae:ConvVAE",
-        recipe="dlearn.vae:train_vae",
-        evaluate="dlearn.vae:protocol_metrics",
-        description="chapter 02's VAE: conv, 2x4x4 latent map, categorical pixels; likelihood protocol, 3 seeds",
-        config={"latent_channels": 2, "channels": (32, 64), "dropout": 0.0},
-        recipe_kwargs={"max_steps": 4000},
+    "vae": _latent_model(
+        "vae",
+        "chapter 02's VAE: conv, 2x4x4 latent map, categorical pixels; likelihood protocol, 3 seeds",
+        {"latent_channels": 2, "channels": (32, 64), "dropout": 0.0},
+        {"max_steps": 4000},
         seeds=(0, 1, 2),
-        tolerance=0.05,
     ),
     **{
-        f"vae_z{k}": Entry(
-            build="dlearn.vae:ConvVAE",
-            recipe="dlearn.vae:train_vae",
-            evaluate="dlearn.vae:protocol_metrics",
-            description=f"chapter 02's VAE with a {k}-dimensional latent vector (latent size study, latent map)",
-            config={"latent_dim": k, "channels": (16, 32), "hidden": 128, "dropout": 0.1},
-            recipe_kwargs={"max_steps": 4000},
-            tolerance=0.05,
+        f"vae_z{k}": _latent_model(
+            "vae",
+            f"chapter 02's VAE with a {k}-dimensional latent vector (latent size study, latent map)",
+            {"latent_dim": k, "channels": (16, 32), "hidden": 128, "dropout": 0.1},
+            {"max_steps": 4000},
         )
         for k in (2, 8, 16)
     },
-    "hvae": Entry(
-        build="dlearn.hvae:HVAE",
-        recipe="dlearn.hvae:train_hvae",
-        evaluate="dlearn.hvae:protocol_metrics",
-        description="chapter 03's two-level HVAE: top-down inference, KL warm-up; likelihood protocol, 3 seeds",
-        config={"z1_channels": 2, "z2_dim": 8, "inference": "top_down"},
-        recipe_kwargs={"max_steps": 4000, "warmup_steps": 1000},
+    "hvae": _latent_model(
+        "hvae",
+        "chapter 03's two-level HVAE: top-down inference, KL warm-up; likelihood protocol, 3 seeds",
+        {"z1_channels": 2, "z2_dim": 8, "inference": "top_down"},
+        {"max_steps": 4000, "warmup_steps": 1000},
         seeds=(0, 1, 2),
-        tolerance=0.05,
     ),
-    "hvae_markov": Entry(
-        build="dlearn.hvae:HVAE",
-        recipe="dlearn.hvae:train_hvae",
-        evaluate="dlearn.hvae:protocol_metrics",
-        description="chapter 03's ablation: Luo's Markov encoder q(z1 | x) q(z2 | z1), otherwise as hvae",
-        config={"z1_channels": 2, "z2_dim": 8, "inference": "markov"},
-        recipe_kwargs={"max_steps": 4000, "warmup_steps": 1000},
-        tolerance=0.05,
+    "hvae_markov": _latent_model(
+        "hvae",
+        "chapter 03's ablation: Luo's Markov encoder q(z1 | x) q(z2 | z1), otherwise as hvae",
+        {"z1_channels": 2, "z2_dim": 8, "inference": "markov"},
+        {"max_steps": 4000, "warmup_steps": 1000},
     ),
-    "hvae_no_warmup": Entry(
-        build="dlearn.hvae:HVAE",
-        recipe="dlearn.hvae:train_hvae",
-        evaluate="dlearn.hvae:protocol_metrics",
-        description="chapter 03's ablation: hvae without KL warm-up",
-        config={"z1_channels": 2, "z2_dim": 8, "inference": "top_down"},
-        recipe_kwargs={"max_steps": 4000},
-        tolerance=0.05,
+    "hvae_no_warmup": _latent_model(
+        "hvae",
+        "chapter 03's ablation: hvae without KL warm-up",
+        {"z1_channels": 2, "z2_dim": 8, "inference": "top_down"},
+        {"max_steps": 4000},
     ),
 }
 
