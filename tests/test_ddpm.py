@@ -1,0 +1,106 @@
+"""Chapter 05's DDPM step against diffusers' DDPMScheduler, and the forward process against closed forms."""
+
+import itertools
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from dlearn import ddpm, schedules
+
+PTYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+SCHED = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+
+
+@pytest.mark.parametrize(
+    "schedule,ptype,clip,variance_type",
+    list(itertools.product(["linear", "cosine"], ["eps", "x0", "v"], [True, False], ["fixed_small", "fixed_large"])),
+)
+def test_ddpm_step_matches_diffusers(schedule, ptype, clip, variance_type):
+    ref = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule=SCHED[schedule],
+        prediction_type=PTYPES[ptype],
+        clip_sample=clip,
+        variance_type=variance_type,
+    )
+    alpha_bar = schedules.alpha_bar_from_betas(schedules.make_betas(schedule, 1000))
+    x_t, out, noise = _inputs()
+    for t in (999, 500, 37, 1, 0):
+        g = torch.Generator().manual_seed(t)
+        expected = ref.step(out, t, x_t, generator=g)
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(t))  # diffusers draws the same
+        prev, x0_hat = ddpm.ddpm_step(alpha_bar, t, x_t, out, ptype, clip, variance_type, noise=noise if t > 0 else None)
+        assert (prev - expected.prev_sample).abs().max() <= 1e-5
+        assert (x0_hat - expected.pred_original_sample).abs().max() <= 1e-5
+
+
+def test_strided_ddpm_matches_diffusers():
+    ref = DDPMScheduler(num_train_timesteps=1000)
+    ref.set_timesteps(20)
+    alpha_bar = schedules.alpha_bar_from_betas(schedules.linear_betas(1000))
+    x_t, out, _ = _inputs(1)
+    for t in ref.timesteps.tolist():
+        expected = ref.step(out, t, x_t, generator=torch.Generator().manual_seed(t)).prev_sample
+        prev_t = ddpm.previous_timestep(t, ref.timesteps)
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(t)) if t > 0 else None
+        got, _ = ddpm.ddpm_step(alpha_bar, t, x_t, out, noise=noise, prev_timestep=prev_t)
+        assert (got - expected).abs().max() <= 1e-5
+
+
+def test_q_sample_and_velocity_match_diffusers():
+    ref = DDPMScheduler(num_train_timesteps=1000)
+    x0, eps, _ = _inputs(2)
+    t = torch.tensor([0, 10, 500, 999])
+    a = ref.alphas_cumprod[t]
+    torch.testing.assert_close(ddpm.q_sample(x0, a, eps), ref.add_noise(x0, eps, t), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ddpm.velocity(x0, eps, a), ref.get_velocity(x0, eps, t), rtol=0, atol=1e-6)
+
+
+def test_parameterisations_invert_each_other():
+    x0, eps, _ = _inputs(3)
+    a = torch.tensor([0.9, 0.5, 0.1, 0.01]).double()
+    x0, eps = x0.double(), eps.double()
+    x_t = ddpm.q_sample(x0, a, eps)
+    for ptype, target in (("eps", eps), ("x0", x0), ("v", ddpm.velocity(x0, eps, a))):
+        x0_hat, eps_hat = ddpm.predict_x0_eps(x_t, target, a, ptype)
+        torch.testing.assert_close(x0_hat, x0, atol=1e-12, rtol=0)
+        torch.testing.assert_close(eps_hat, eps, atol=1e-12, rtol=0)
+
+
+def test_posterior_by_gaussian_conditioning():
+    """q(x_{t-1} | x_t, x_0) from the joint Gaussian of (x_{t-1}, x_t) given x_0 (one dimension, float64)."""
+    alpha_bar = schedules.alpha_bar_from_betas(schedules.linear_betas(1000).double())
+    for t in (1, 10, 500, 999):
+        a_t, a_p = alpha_bar[t], alpha_bar[t - 1]
+        alpha_t = a_t / a_p
+        x0, x_t = torch.tensor([[0.3]], dtype=torch.float64), torch.tensor([[-0.7]], dtype=torch.float64)
+        # joint: x_{t-1} = sqrt(a_p) x0 + ..., var 1 - a_p; cov(x_{t-1}, x_t) = sqrt(alpha_t) (1 - a_p)
+        gain = alpha_t.sqrt() * (1 - a_p) / (1 - a_t)
+        mean = a_p.sqrt() * x0 + gain * (x_t - a_t.sqrt() * x0)
+        var = (1 - a_p) - gain * alpha_t.sqrt() * (1 - a_p)
+        got_mean, got_var = ddpm.posterior_mean_var(x0, x_t, a_t, a_p)
+        torch.testing.assert_close(got_mean, mean, atol=1e-12, rtol=0)
+        torch.testing.assert_close(got_var.reshape(()), var, atol=1e-12, rtol=1e-10)
+
+
+def test_bad_input():
+    alpha_bar = schedules.alpha_bar_from_betas(schedules.linear_betas(10))
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="'eps', 'x0' or 'v'"):
+        ddpm.predict_x0_eps(x, x, 0.5, "epsilon")
+    with pytest.raises(ValueError, match="shape"):
+        ddpm.predict_x0_eps(x, torch.zeros(2, 4), 0.5)
+    with pytest.raises(ValueError, match="needs noise"):
+        ddpm.ddpm_step(alpha_bar, 5, x, x)
+    with pytest.raises(ValueError, match="variance_type"):
+        ddpm.ddpm_step(alpha_bar, 0, x, x, variance_type="learned")
+    with pytest.raises(ValueError, match="not one of"):
+        ddpm.previous_timestep(7, torch.tensor([9, 5, 1]))
+    with pytest.raises(ValueError, match="eps must have"):
+        ddpm.q_sample(x, 0.5, torch.zeros(3))
