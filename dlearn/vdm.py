@@ -53,3 +53,124 @@ def prior_matching_kl(x0: torch.Tensor, alpha_bar_last) -> torch.Tensor:
     sq = (x0**2).reshape(x0.shape[0], -1).sum(1)
     d = x0[0].numel()
     return 0.5 * (a * sq + d * (1 - a) - d - d * torch.log1p(-a))
+
+
+class GaussianDiffusion1D:
+    """TB2: one-dimensional Gaussian data x0 ~ N(m0, s0^2) under a variance-preserving chain, with the
+    Bayes-optimal reverse model, so that every form of the bound can be computed and compared.
+
+    The model: p(x_T) = N(0, 1); for t >= 2, p_theta(x_{t-1} | x_t) = N(mu_q(x_t, E[x0 | x_t]), sigma_q^2(t));
+    the decoder p_theta(x0 | x1) = N(E[x0 | x1], Var[x0 | x1]). All maps are linear in x_t, so the model's
+    marginal p_theta(x0) is Gaussian and exact. Float64 throughout; `alpha_bar[t]` is the book's step t
+    (alpha_bar[0] = 1).
+    """
+
+    def __init__(self, betas: torch.Tensor, m0: float = 0.5, s0: float = 0.3):
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        self.num_steps = len(betas)
+        self.alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+        self.alpha = torch.cat([torch.ones(1, dtype=torch.float64), 1 - betas])  # alpha[t] = 1 - beta_t
+        self.m0, self.s0 = float(m0), float(s0)
+
+    # --- exact conditionals -----------------------------------------------------------------
+    def posterior_x0(self, t: int, x_t: torch.Tensor):
+        """E[x0 | x_t] and Var[x0 | x_t] under the data distribution (Gaussian conditioning)."""
+        a = self.alpha_bar[t]
+        c = a * self.s0**2 + 1 - a
+        mean = self.m0 + self.s0**2 * a.sqrt() / c * (x_t - a.sqrt() * self.m0)
+        return mean, self.s0**2 * (1 - a) / c
+
+    def q_posterior_mean(self, t: int, x_t: torch.Tensor, x0) -> torch.Tensor:
+        """mu_q(x_t, x0) of q(x_{t-1} | x_t, x0) (Luo eq. 84)."""
+        a_t, a_p, al = self.alpha_bar[t], self.alpha_bar[t - 1], self.alpha[t]
+        return (al.sqrt() * (1 - a_p) * x_t + a_p.sqrt() * (1 - al) * x0) / (1 - a_t)
+
+    def q_posterior_var(self, t: int) -> torch.Tensor:
+        a_t, a_p, al = self.alpha_bar[t], self.alpha_bar[t - 1], self.alpha[t]
+        return (1 - al) * (1 - a_p) / (1 - a_t)
+
+    def model_step(self, t: int, x_t: torch.Tensor):
+        """Mean and variance of p_theta(x_{t-1} | x_t) (t = 1: the decoder p_theta(x0 | x1))."""
+        x0_hat, x0_var = self.posterior_x0(t, x_t)
+        if t == 1:
+            return x0_hat, x0_var
+        return self.q_posterior_mean(t, x_t, x0_hat), self.q_posterior_var(t)
+
+    # --- sampling -----------------------------------------------------------------------------
+    def forward_trajectories(self, x0: float, n: int, generator=None) -> torch.Tensor:
+        """n forward chains from x0: shape (n, T + 1), column t holding x_t."""
+        xs = [torch.full((n,), float(x0), dtype=torch.float64)]
+        for t in range(1, self.num_steps + 1):
+            noise = torch.randn(n, generator=generator, dtype=torch.float64)
+            xs.append(self.alpha[t].sqrt() * xs[-1] + (1 - self.alpha[t]).sqrt() * noise)
+        return torch.stack(xs, 1)
+
+    # --- the forms of the bound ------------------------------------------------------------
+    @staticmethod
+    def _log_normal(x, mean, var):
+        return -0.5 * (torch.log(2 * torch.pi * torch.as_tensor(var)) + (x - mean) ** 2 / var)
+
+    def trajectory_log_ratio(self, traj: torch.Tensor) -> torch.Tensor:
+        """log p(x_{0:T}) - log q(x_{1:T} | x0) per trajectory: the bound's direct estimator, shape (n,)."""
+        total = self._log_normal(traj[:, -1], 0.0, 1.0)
+        for t in range(1, self.num_steps + 1):
+            mean, var = self.model_step(t, traj[:, t])
+            total = total + self._log_normal(traj[:, t - 1], mean, var)
+            total = total - self._log_normal(traj[:, t], self.alpha[t].sqrt() * traj[:, t - 1], 1 - self.alpha[t])
+        return total
+
+    def consistency_terms(self, traj: torch.Tensor) -> torch.Tensor:
+        """The valid consistency form (Luo ~eq. 44), regrouped per step, shape (n, T + 1):
+        column 0: log p(x0 | x1); column t in 1..T-1: log p_theta(x_t | x_{t+1}) - log q(x_t | x_{t-1});
+        column T: log p(x_T) - log q(x_T | x_{T-1}). Their sum is `trajectory_log_ratio`."""
+        cols = [self._log_normal(traj[:, 0], *self.model_step(1, traj[:, 1]))]
+        for t in range(1, self.num_steps):
+            mean, var = self.model_step(t + 1, traj[:, t + 1])
+            q = self._log_normal(traj[:, t], self.alpha[t].sqrt() * traj[:, t - 1], 1 - self.alpha[t])
+            cols.append(self._log_normal(traj[:, t], mean, var) - q)
+        t = self.num_steps
+        cols.append(
+            self._log_normal(traj[:, t], 0.0, 1.0)
+            - self._log_normal(traj[:, t], self.alpha[t].sqrt() * traj[:, t - 1], 1 - self.alpha[t])
+        )
+        return torch.stack(cols, 1)
+
+    @staticmethod
+    def _kl(mean_q, var_q, mean_p, var_p):
+        return 0.5 * (torch.log(var_p / var_q) + (var_q + (mean_q - mean_p) ** 2) / var_p - 1)
+
+    def eq45_terms(self, traj: torch.Tensor) -> torch.Tensor:
+        """Luo's eq. 45 rewrite, term by term, shape (n, T + 1): the log-ratios of `consistency_terms`
+        replaced by -KL(q(x_t | x_{t-1}) || p_theta(x_t | x_{t+1})) at the sampled x_{t-1}, x_{t+1}.
+        NOT an identity: x_t given both neighbours is not distributed as q(x_t | x_{t-1})."""
+        cols = [self._log_normal(traj[:, 0], *self.model_step(1, traj[:, 1]))]
+        for t in range(1, self.num_steps):
+            mean_p, var_p = self.model_step(t + 1, traj[:, t + 1])
+            cols.append(-self._kl(self.alpha[t].sqrt() * traj[:, t - 1], 1 - self.alpha[t], mean_p, var_p))
+        t = self.num_steps
+        cols.append(-self._kl(self.alpha[t].sqrt() * traj[:, t - 1], 1 - self.alpha[t], torch.zeros(()), torch.ones(())))
+        return torch.stack(cols, 1)
+
+    def denoising_terms(self, traj: torch.Tensor) -> torch.Tensor:
+        """The denoising-matching form (Luo eq. 58), shape (n, T + 1): column 0 the reconstruction
+        log p(x0 | x1); column t in 2..T the analytic -KL(q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t)) at the
+        sampled x_t; column 1 is 0; the prior term -KL(q(x_T | x0) || N(0, 1)) is added to column T."""
+        x0 = traj[:, 0]
+        cols = [self._log_normal(x0, *self.model_step(1, traj[:, 1])), torch.zeros_like(x0)]
+        for t in range(2, self.num_steps + 1):
+            mean_p, var = self.model_step(t, traj[:, t])
+            cols.append(-((self.q_posterior_mean(t, traj[:, t], x0) - mean_p) ** 2) / (2 * var))
+        a = self.alpha_bar[-1]
+        cols[-1] = cols[-1] - self._kl(a.sqrt() * x0, 1 - a, torch.zeros(()), torch.ones(()))
+        return torch.stack(cols, 1)
+
+    def exact_log_marginal(self, x0) -> torch.Tensor:
+        """log p_theta(x0) of the model, exactly: its linear-Gaussian chain propagated from x_T ~ N(0, 1)."""
+        mean, var = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+        for t in range(self.num_steps, 0, -1):
+            # p_theta(x_{t-1} | x_t) = N(g x_t + h, v) with g, h read off the linear mean
+            m0_, _ = self.model_step(t, torch.zeros((), dtype=torch.float64))
+            m1_, v = self.model_step(t, torch.ones((), dtype=torch.float64))
+            g, h = m1_ - m0_, m0_
+            mean, var = g * mean + h, g**2 * var + v
+        return self._log_normal(torch.as_tensor(x0, dtype=torch.float64), mean, var)

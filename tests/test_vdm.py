@@ -76,3 +76,55 @@ def test_check_D5_prior_matching_is_small_but_not_zero():
     a = schedules.alpha_bar_from_betas(schedules.linear_betas(1000).double())[-1]
     general = distributions.kl_normal_diag(a.sqrt() * x0, torch.full_like(x0, math.log(1 - a)))
     torch.testing.assert_close(vdm.prior_matching_kl(x0, a), general, rtol=1e-9, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def tb2_chain():
+    model = vdm.GaussianDiffusion1D(torch.linspace(1e-4, 0.05, 200, dtype=torch.float64), m0=0.5, s0=0.3)
+    return model, model.forward_trajectories(0.9, 20_000, torch.Generator().manual_seed(0))
+
+
+def test_check_D6_consistency_form_is_valid_but_eq45_is_not(tb2_chain):
+    model, traj = tb2_chain
+    direct = model.trajectory_log_ratio(traj)
+    consistency = model.consistency_terms(traj).sum(1)
+    torch.testing.assert_close(consistency, direct, atol=1e-10, rtol=0)  # a regrouping of the same sum
+    eq45 = model.eq45_terms(traj).sum(1)
+    assert eq45.mean() < direct.mean() - 100  # about 1 nat per step too low: not an identity
+
+
+def test_check_D7_per_step_variances(tb2_chain):
+    model, traj = tb2_chain
+    v_cons = model.consistency_terms(traj)[:, 1:-1].var(0)  # steps t = 1..T-1
+    v_den = model.denoising_terms(traj)[:, 2:-1].var(0)  # steps t = 2..T-1
+    assert ((v_cons[10:] > 0.7) & (v_cons[10:] < 1.4)).all()  # about 1 nat^2 at every step
+    assert v_den[18] < 1e-2 and v_den[48] < 1e-4 and v_den[98] < 1e-6  # t = 20, 50, 100: vanishing
+    # the random-t single-sample estimator: T * term_t with t uniform
+    t = torch.randint(0, v_den.numel(), (20_000,), generator=torch.Generator().manual_seed(1))
+    rows = torch.arange(20_000)
+    cons = model.consistency_terms(traj)[:, 2:-1][rows, t] * v_den.numel()
+    den = model.denoising_terms(traj)[:, 2:-1][rows, t] * v_den.numel()
+    assert cons.var() > 5 * den.var()
+
+
+def test_check_D10_denoising_form_equals_the_trajectory_bound_and_bounds_log_p(tb2_chain):
+    model, traj = tb2_chain
+    direct = model.trajectory_log_ratio(traj)
+    denoising = model.denoising_terms(traj).sum(1)
+    diff = denoising - direct  # paired: same trajectories
+    assert diff.mean().abs() < 3 * diff.std() / math.sqrt(len(diff))
+    assert direct.mean() < model.exact_log_marginal(0.9)  # a lower bound on the model's exact log-likelihood
+
+
+def test_exact_log_marginal_by_sampling_the_model():
+    model = vdm.GaussianDiffusion1D(torch.linspace(1e-3, 0.2, 30, dtype=torch.float64))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(200_000, generator=g, dtype=torch.float64)
+    for t in range(model.num_steps, 0, -1):
+        mean, var = model.model_step(t, x)
+        x = mean + var.sqrt() * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    grid = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    mean, var = x.mean(), x.var()
+    expected = -0.5 * (torch.log(2 * math.pi * var) + (grid - mean) ** 2 / var)
+    got = torch.stack([model.exact_log_marginal(v) for v in grid])
+    torch.testing.assert_close(got, expected, atol=0.02, rtol=0)
