@@ -14,6 +14,7 @@ All functions take alpha_bar_t and alpha_bar_{t-1} explicitly (t >= 2, so alpha_
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def posterior_variance(alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor) -> torch.Tensor:
@@ -174,3 +175,73 @@ class GaussianDiffusion1D:
             g, h = m1_ - m0_, m0_
             mean, var = g * mean + h, g**2 * var + v
         return self._log_normal(torch.as_tensor(x0, dtype=torch.float64), mean, var)
+
+    def expected_bound(self, x0: float) -> torch.Tensor:
+        """The bound E_q[log p(x_{0:T}) / q(x_{1:T} | x0)] for one x0, exactly (no sampling).
+
+        Every term is the expectation of a squared linear function of x_t ~ q(x_t | x0), so
+        E[(c + d x_t)^2] = (c + d sqrt(a) x0)^2 + d^2 (1 - a) gives it in closed form.
+        """
+        x0 = torch.as_tensor(x0, dtype=torch.float64)
+
+        def affine(fn, t):  # fn(x_t) = c + d x_t
+            c = fn(torch.zeros((), dtype=torch.float64))
+            return c, fn(torch.ones((), dtype=torch.float64)) - c
+
+        def expected_square(c, d, t):
+            a = self.alpha_bar[t]
+            return (c + d * a.sqrt() * x0) ** 2 + d**2 * (1 - a)
+
+        # reconstruction: E log N(x0; E[x0 | x1], Var[x0 | x1])
+        c, d = affine(lambda x: x0 - self.posterior_x0(1, x)[0], 1)
+        var1 = self.posterior_x0(1, torch.zeros(()))[1]
+        total = -0.5 * (torch.log(2 * torch.pi * var1) + expected_square(c, d, 1) / var1)
+        # denoising matching: (mu_q(x_t, x0) - mu_q(x_t, x0_hat(x_t)))^2 / (2 sigma_q^2)
+        for t in range(2, self.num_steps + 1):
+            c, d = affine(lambda x, t=t: self.q_posterior_mean(t, x, x0) - self.model_step(t, x)[0], t)
+            total = total - expected_square(c, d, t) / (2 * self.q_posterior_var(t))
+        a = self.alpha_bar[-1]
+        return total - self._kl(a.sqrt() * x0, 1 - a, torch.zeros(()), torch.ones(()))
+
+
+def betas_from_logsnr(logsnr_fn, num_steps: int) -> torch.Tensor:
+    """Betas whose latents sit at s = 0, 1/(T-1), ..., 1 of a log-SNR function: alpha_bar_i = sigmoid(logsnr(s_i)).
+
+    The first latent has SNR exp(logsnr(0)) and the last exp(logsnr(1)), whatever T is: the endpoints
+    of the continuous-time schedule (Kingma et al. 2021) stay fixed as T grows.
+    """
+    s = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    alpha_bar = torch.sigmoid(logsnr_fn(s))
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    return 1 - alpha_bar / prev
+
+
+class MonotoneLogSNR(nn.Module):
+    """A learnable noise schedule: gamma(t) = -log SNR(t), increasing in t by construction (Kingma et al. 2021).
+
+        gamma_raw(t) = l1(t) + l3(sigmoid(l2(l1(t))))  with every weight softplus-positive,
+        gamma(t) = gamma_min + (gamma_max - gamma_min) (gamma_raw(t) - gamma_raw(0)) / (gamma_raw(1) - gamma_raw(0))
+
+    so SNR decreases strictly from exp(-gamma_min) at t = 0 to exp(-gamma_max) at t = 1; the endpoints are
+    parameters too. alpha_bar = sigmoid(-gamma), 1 - alpha_bar = sigmoid(gamma) (Luo eqs. 111-114).
+    """
+
+    def __init__(self, gamma_min: float = -10.0, gamma_max: float = 8.0, hidden: int = 1024):
+        super().__init__()
+        self.gamma_min, self.gamma_max = nn.Parameter(torch.tensor(gamma_min)), nn.Parameter(torch.tensor(gamma_max))
+        self.w1, self.b1 = nn.Parameter(torch.randn(1)), nn.Parameter(torch.zeros(1))
+        self.w2, self.b2 = nn.Parameter(torch.randn(hidden)), nn.Parameter(torch.randn(hidden))
+        self.w3 = nn.Parameter(torch.randn(hidden) / hidden**0.5)
+
+    def _raw(self, t: torch.Tensor) -> torch.Tensor:
+        pos = nn.functional.softplus
+        h = pos(self.w1) * t[..., None] + self.b1  # (..., 1)
+        return h[..., 0] + torch.sigmoid(pos(self.w2) * h + self.b2) @ pos(self.w3)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """gamma(t) = -log SNR(t) for t in [0, 1], same shape as t."""
+        ends = self._raw(torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device))
+        return self.gamma_min + (self.gamma_max - self.gamma_min) * (self._raw(t) - ends[0]) / (ends[1] - ends[0])
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(-self(t))

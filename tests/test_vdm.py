@@ -128,3 +128,38 @@ def test_exact_log_marginal_by_sampling_the_model():
     expected = -0.5 * (torch.log(2 * math.pi * var) + (grid - mean) ** 2 / var)
     got = torch.stack([model.exact_log_marginal(v) for v in grid])
     torch.testing.assert_close(got, expected, atol=0.02, rtol=0)
+
+
+def test_expected_bound_is_the_mean_of_the_sampled_bound(tb2_chain):
+    model, traj = tb2_chain
+    direct = model.trajectory_log_ratio(traj)
+    assert (direct.mean() - model.expected_bound(0.9)).abs() < 3 * direct.std() / math.sqrt(len(direct))
+
+
+def test_check_D20_the_learned_schedule_is_monotone():
+    for seed in range(100):
+        torch.manual_seed(seed)
+        net = vdm.MonotoneLogSNR(hidden=64).double()
+        t = torch.linspace(0, 1, 10_000, dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(net(t).sum(), t)
+        assert (grad > 0).all(), seed
+    with torch.no_grad():
+        gamma = net(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(gamma, torch.tensor([-10.0, 8.0], dtype=torch.float64))  # the endpoints
+    w = torch.linspace(-12, 12, 101, dtype=torch.float64)
+    torch.testing.assert_close(torch.sigmoid(-w) / torch.sigmoid(w), torch.exp(-w), rtol=1e-12, atol=0)
+
+
+def test_check_D21_the_bound_depends_on_the_schedule_only_through_its_endpoints():
+    linear = lambda s: 10 + (-8 - 10) * s  # noqa: E731  log-SNR from 10 down to -8
+    cosine = lambda s: 10 + (-8 - 10) * (1 - torch.cos(math.pi * s / 2))  # noqa: E731  same ends, other path
+    other_end = lambda s: 3 + (-8 - 3) * s  # noqa: E731  a different SNR_max
+    gaps, bounds = [], {}
+    for num_steps in (10, 100, 1000):
+        b = [
+            vdm.GaussianDiffusion1D(vdm.betas_from_logsnr(f, num_steps)).expected_bound(0.9) for f in (linear, cosine, other_end)
+        ]
+        gaps.append((b[0] - b[1]).abs().item())
+        bounds[num_steps] = b
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.01
+    assert (bounds[1000][2] - bounds[1000][0]).abs() > 0.02
