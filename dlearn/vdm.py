@@ -245,3 +245,32 @@ class MonotoneLogSNR(nn.Module):
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(-self(t))
+
+
+def true_reverse_step(mixture, alpha_bar_t: float, alpha_bar_prev: float, x_t: torch.Tensor):
+    """The true reverse step q(x_{t-1} | x_t) of mixture data (TB3), exactly (D9):
+
+        q(x_{t-1} | x_t) = sum_k p(k | x_t) N(x_{t-1}; m_k, C_k),
+
+    each component's (x_{t-1}, x_t) being jointly Gaussian. Conditioning on x0 instead gives one
+    Gaussian; without it the step is a mixture, and only for small steps close to a Gaussian.
+
+    Args:
+        mixture: a `datasets.GaussianMixture`.
+        x_t: one point, shape (1, d).
+
+    Returns:
+        weights (K,), means (K, d), covariances (K, d, d).
+    """
+    eye = torch.eye(mixture.dim, dtype=torch.float64)
+    alpha_t = alpha_bar_t / alpha_bar_prev
+    weights = mixture.class_posterior(x_t, alpha_bar_t)[0]
+    means, covs = [], []
+    for mu, sigma in zip(mixture.means, mixture.covs, strict=True):
+        m_p, c_pp = alpha_bar_prev**0.5 * mu, alpha_bar_prev * sigma + (1 - alpha_bar_prev) * eye
+        m_t, c_tt = alpha_bar_t**0.5 * mu, alpha_bar_t * sigma + (1 - alpha_bar_t) * eye
+        c_pt = alpha_t**0.5 * c_pp  # Cov(x_{t-1}, x_t)
+        gain = torch.linalg.solve(c_tt, c_pt.T).T
+        means.append(m_p + (x_t[0] - m_t) @ gain.T)
+        covs.append(c_pp - gain @ c_pt.T)
+    return weights, torch.stack(means), torch.stack(covs)

@@ -163,3 +163,111 @@ def test_check_D21_the_bound_depends_on_the_schedule_only_through_its_endpoints(
         bounds[num_steps] = b
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.01
     assert (bounds[1000][2] - bounds[1000][0]).abs() > 0.02
+
+
+def test_check_D2_variance_preserving_steps(gen):
+    ab = schedules.alpha_bar_from_betas(schedules.linear_betas(1000).double())
+    alpha = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    x = torch.randn(100_000, generator=gen, dtype=torch.float64)  # unit-variance data
+    y = x.clone()
+    for t in range(300):
+        noise = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        x = alpha[t].sqrt() * x + (1 - alpha[t]).sqrt() * noise  # variance preserving
+        y = alpha[t].sqrt() * y + noise  # mean sqrt(alpha) x, variance 1: not preserving
+        if t % 50 == 0:
+            assert abs(x.var().item() - 1) < 4 * math.sqrt(2 / 100_000)  # 4 standard errors of a sample variance
+    assert y.var() > 50
+
+
+def test_check_D8_bayes_rewrite_of_the_encoder_step(gen):
+    """q(x_t | x_{t-1}, x0) = q(x_{t-1} | x_t, x0) q(x_t | x0) / q(x_{t-1} | x0), in log space (TB2, 1-D)."""
+    from dlearn import ddpm
+
+    ab = schedules.alpha_bar_from_betas(schedules.linear_betas(1000).double())
+    normal = lambda x, m, v: -0.5 * (torch.log(2 * math.pi * v) + (x - m) ** 2 / v)  # noqa: E731
+    x0 = torch.tensor([[0.4]], dtype=torch.float64)
+    for t in (1, 10, 500, 999):
+        a_t, a_p = ab[t], ab[t - 1]
+        x_p, x_t = torch.randn(2, 1, 1, generator=gen, dtype=torch.float64)
+        lhs = normal(x_t, (a_t / a_p).sqrt() * x_p, 1 - a_t / a_p)
+        mean, var = ddpm.posterior_mean_var(x0, x_t, a_t, a_p)
+        rhs = normal(x_p, mean, var) + normal(x_t, a_t.sqrt() * x0, 1 - a_t) - normal(x_p, a_p.sqrt() * x0, 1 - a_p)
+        torch.testing.assert_close(lhs, rhs, atol=1e-10, rtol=1e-10)
+
+
+def test_check_D9_the_true_reverse_step_is_gaussian_only_for_small_steps():
+    mix = datasets.mixture_2d()
+    ab1000 = schedules.alpha_bar_from_betas(schedules.linear_betas(1000).double())
+    x_t = torch.tensor([[0.3, 0.0]], dtype=torch.float64)
+    g = torch.linspace(-4, 4, 401, dtype=torch.float64)
+    pts = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+    area = (g[1] - g[0]) ** 2
+    kls = {}
+    for num_steps in (10, 1000):
+        sub = ab1000[torch.arange(1, num_steps + 1) * (1000 // num_steps) - 1]  # the schedule sub-sampled to T steps
+        i = int(0.3 * num_steps)
+        w, m, c = vdm.true_reverse_step(mix, sub[i].item(), sub[i - 1].item(), x_t)
+        comps = torch.stack([torch.distributions.MultivariateNormal(m[k], c[k]).log_prob(pts) for k in range(3)])
+        log_p = torch.logsumexp(comps + w.log()[:, None], 0)
+        mean = (w[:, None] * m).sum(0)
+        cov = (w[:, None, None] * (c + m[:, :, None] * m[:, None, :])).sum(0) - mean[:, None] * mean[None, :]
+        log_q = torch.distributions.MultivariateNormal(mean, cov).log_prob(pts)
+        kls[num_steps] = ((log_p.exp() * (log_p - log_q)).sum() * area).item()
+    assert kls[10] > 0.01 and kls[1000] < 1e-4 and kls[10] > 1000 * kls[1000]
+
+
+def test_check_D12_and_D22_one_shot_marginal_and_its_inversion(gen):
+    from dlearn import ddpm
+
+    ab = schedules.alpha_bar_from_betas(schedules.linear_betas(1000).double())
+    alpha = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    x0 = 0.7
+    x = torch.full((100_000,), x0, dtype=torch.float64)
+    for t in range(1000):
+        x = alpha[t].sqrt() * x + (1 - alpha[t]).sqrt() * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        if t + 1 in (1, 10, 100, 500, 1000):
+            a = ab[t]
+            assert abs(x.mean() - a.sqrt() * x0) < 0.01 and abs(x.var() / (1 - a) - 1) < 0.01
+    x0s, eps = torch.randn(2, 8, generator=gen, dtype=torch.float64)
+    x_t = ddpm.q_sample(x0s, ab[500], eps)
+    torch.testing.assert_close((x_t - (1 - ab[500]).sqrt() * eps) / ab[500].sqrt(), x0s, atol=1e-12, rtol=0)
+
+
+def test_check_D13_posterior_by_regression(gen):
+    """With x0 fixed, regress x_{t-1} on x_t over forward samples: slope and residual variance match Luo eq. 84."""
+    ab = schedules.alpha_bar_from_betas(schedules.linear_betas(1000).double())
+    t = 300
+    a_t, a_p = ab[t], ab[t - 1]
+    x0 = 0.5
+    x_p = a_p.sqrt() * x0 + (1 - a_p).sqrt() * torch.randn(200_000, generator=gen, dtype=torch.float64)
+    x_t = (a_t / a_p).sqrt() * x_p + (1 - a_t / a_p).sqrt() * torch.randn(200_000, generator=gen, dtype=torch.float64)
+    slope = ((x_t - x_t.mean()) * (x_p - x_p.mean())).mean() / x_t.var()
+    resid = (x_p - x_p.mean() - slope * (x_t - x_t.mean())).var()
+    assert abs(slope / ((a_t / a_p).sqrt() * (1 - a_p) / (1 - a_t)) - 1) < 0.01
+    assert abs(resid / vdm.posterior_variance(a_t, a_p) - 1) < 0.01
+
+
+def test_check_D17_uniform_t_is_unbiased_for_the_sum(gen):
+    model = vdm.GaussianDiffusion1D(torch.linspace(1e-4, 0.05, 200, dtype=torch.float64))
+    traj = model.forward_trajectories(0.9, 100_000, gen)
+    terms = model.denoising_terms(traj)[:, 2:]  # the T - 1 matching terms (prior folded into the last)
+    exact_sum = terms.mean(0).sum()
+    t = torch.randint(0, terms.shape[1], (100_000,), generator=gen)
+    draws = terms[torch.arange(100_000), t] * terms.shape[1]
+    assert (draws.mean() - exact_sum).abs() < 3 * draws.std() / math.sqrt(len(draws))
+
+
+def test_check_D23_and_D25_eps_forms(gen):
+    from dlearn import ddpm
+
+    ab = schedules.alpha_bar_from_betas(schedules.linear_betas(1000).double())
+    x0, eps, eps_hat = torch.randn(3, 4, 16, generator=gen, dtype=torch.float64)
+    for t in (1, 100, 900):
+        a_t, a_p = ab[t], ab[t - 1]
+        alpha_t = a_t / a_p
+        x_t = ddpm.q_sample(x0, a_t, eps)
+        mu_eps = x_t / alpha_t.sqrt() - (1 - alpha_t) / ((1 - a_t).sqrt() * alpha_t.sqrt()) * eps
+        torch.testing.assert_close(mu_eps, ddpm.posterior_mean_var(x0, x_t, a_t, a_p)[0], atol=1e-12, rtol=0)  # D23
+        x0_hat = (x_t - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
+        lhs = ((x0_hat - x0) ** 2).sum(1)
+        torch.testing.assert_close(lhs, (1 - a_t) / a_t * ((eps_hat - eps) ** 2).sum(1), rtol=1e-10, atol=1e-12)  # D25
