@@ -90,3 +90,46 @@ def ddim_inverse_step(
         x0_hat = x0_hat.clamp(-1, 1)
     a_t = alpha_bar[timestep]
     return a_t ** (0.5) * x0_hat + (1 - a_t) ** (0.5) * eps_hat, x0_hat
+
+
+@torch.no_grad()
+def sample(
+    model_fn,
+    x_T: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    num_inference_steps: int = 50,
+    spacing: str = "leading",
+    prediction_type: str = "eps",
+    eta: float = 0.0,
+    clip: bool = False,
+    generator: torch.Generator | None = None,
+    final_alpha_bar: float = 1.0,
+    return_trajectory: bool = False,
+    progress: bool | None = None,
+):
+    """DDIM sampling with `num_inference_steps` steps (Song et al. 2021, Eq. 12); eta = 0 is deterministic.
+
+    Args:
+        model_fn: (x_t, timestep tensor (B,)) -> network output, shape of x_t.
+
+    Returns:
+        x_0, or (x_0, trajectory (steps + 1, B, ...)) with `return_trajectory`.
+    """
+    from tqdm.auto import tqdm
+
+    from dlearn.schedules import inference_timesteps
+    from dlearn.train import show_progress
+
+    num_train = len(alpha_bar)
+    x = x_T
+    path = [x] if return_trajectory else None
+    for t in tqdm(
+        inference_timesteps(num_train, num_inference_steps, spacing).tolist(), disable=not show_progress(progress), leave=False
+    ):
+        out = model_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) if eta > 0 else None
+        prev = previous_timestep(t, num_train, num_inference_steps)
+        x, _ = ddim_step(alpha_bar, t, prev, x, out, prediction_type, eta, clip, noise, final_alpha_bar)
+        if return_trajectory:
+            path.append(x)
+    return (x, torch.stack(path)) if return_trajectory else x

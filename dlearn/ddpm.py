@@ -143,3 +143,46 @@ def ddpm_step(
             var = 1 - a_t / a_p
         mean = mean + var ** (0.5) * noise
     return mean, x0_hat
+
+
+@torch.no_grad()
+def sample(
+    model_fn,
+    x_T: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    timesteps: torch.Tensor | None = None,
+    prediction_type: str = "eps",
+    clip: bool = True,
+    variance_type: str = "fixed_small",
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+    progress: bool | None = None,
+):
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2): x_T -> x_0 through `ddpm_step`.
+
+    Args:
+        model_fn: (x_t, timestep tensor (B,)) -> network output, shape of x_t.
+        x_T: the starting noise, shape (B, ...).
+        alpha_bar: the schedule, shape (T,).
+        timesteps: the decreasing steps to visit (default all, T-1..0); fewer gives strided sampling.
+        generator: seeds the noise of every step (drawn only for timestep > 0, as diffusers does).
+
+    Returns:
+        x_0, or (x_0, trajectory of shape (steps + 1, B, ...)) with `return_trajectory`.
+    """
+    from tqdm.auto import tqdm
+
+    from dlearn.train import show_progress
+
+    if timesteps is None:
+        timesteps = torch.arange(len(alpha_bar) - 1, -1, -1)
+    x = x_T
+    path = [x] if return_trajectory else None
+    for i, t in enumerate(tqdm(timesteps.tolist(), disable=not show_progress(progress), leave=False)):
+        out = model_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) if t > 0 else None
+        prev = int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
+        x, _ = ddpm_step(alpha_bar, t, x, out, prediction_type, clip, variance_type, noise, prev_timestep=prev)
+        if return_trajectory:
+            path.append(x)
+    return (x, torch.stack(path)) if return_trajectory else x

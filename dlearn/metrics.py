@@ -141,6 +141,27 @@ def frechet_distance_gaussians(mu_a, cov_a, mu_b, cov_b) -> float:
     return float(value.clamp(min=0))
 
 
+def energy_distance(a: torch.Tensor, b: torch.Tensor, max_points: int = 2000, generator=None) -> float:
+    """Energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| between two samples (Szekely & Rizzo 2013).
+
+    Zero exactly when the distributions agree; uses at most `max_points` random rows of each.
+
+    Args:
+        a, b: samples of shape (N_a, D) and (N_b, D).
+    """
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"expected samples (N, D) of one dimension, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if len(a) > max_points:
+        a = a[torch.randperm(len(a), generator=generator)[:max_points]]
+    if len(b) > max_points:
+        b = b[torch.randperm(len(b), generator=generator)[:max_points]]
+    a, b = a.double(), b.double()
+    ab = torch.cdist(a, b).mean()
+    aa = torch.cdist(a, a).sum() / (len(a) * (len(a) - 1))
+    bb = torch.cdist(b, b).sum() / (len(b) * (len(b) - 1))
+    return float(2 * ab - aa - bb)
+
+
 def digit_mask(levels: torch.Tensor, threshold: int = 8) -> torch.Tensor:
     """TB5's control mask: pixels whose grey level exceeds `threshold` (of 0..16), as bool."""
     from dlearn.distributions import check_levels

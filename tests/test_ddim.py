@@ -114,3 +114,20 @@ def test_bad_eta():
         ddim.ddim_step(alpha_bar, 5, 4, x, x, eta=-0.1)
     with pytest.raises(ValueError, match="needs noise"):
         ddim.ddim_step(alpha_bar, 5, 4, x, x, eta=0.5)
+
+
+def test_ddim_sampler_with_the_exact_noise_recovers_the_mixture():
+    from dlearn import datasets
+
+    mix = datasets.mixture_2d()
+    ab = schedules.alpha_bar_from_betas(schedules.linear_betas(1000).double())
+    eps_star = lambda x, t: mix.eps_star(x, ab[t])  # noqa: E731
+    x_T = torch.randn(6000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x0, path = ddim.sample(eps_star, x_T, ab, num_inference_steps=50, return_trajectory=True, progress=False)
+    assert path.shape == (51, 6000, 2)
+    again = ddim.sample(eps_star, x_T, ab, num_inference_steps=50, progress=False)
+    assert torch.equal(x0, again)  # eta = 0: deterministic
+    labels = mix.class_posterior(x0).argmax(1)
+    for k in range(3):
+        assert abs((labels == k).double().mean().item() - 1 / 3) < 0.03
+        assert (x0[labels == k].mean(0) - mix.means[k]).abs().max() < 0.1

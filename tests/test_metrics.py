@@ -85,3 +85,19 @@ def test_random_shift_moves_content_and_pads_with_background(gen):
     assert len(pos) == 200
     assert set(map(tuple, pos.tolist())) == {(r, c) for r in (2, 3, 4) for c in (3, 4, 5)}
     assert ((shifted == -1) | (shifted == 1)).all()
+
+
+def test_energy_distance(gen):
+    a = torch.randn(1500, 2, generator=gen, dtype=torch.float64)
+    b = torch.randn(1500, 2, generator=gen, dtype=torch.float64)
+    c = torch.randn(1500, 2, generator=gen, dtype=torch.float64) + torch.tensor([1.0, 0.0], dtype=torch.float64)
+    same, shifted = metrics.energy_distance(a, b), metrics.energy_distance(a, c)
+    assert abs(same) < 0.01 and shifted > 0.3
+    # 1-D closed form for N(0,1) vs N(1,1): 2 E|X-Y| - E|X-X'| - E|Y-Y'| with |N(m, 2)| means
+    import math
+
+    expected = 2 * (math.sqrt(2) * math.sqrt(2 / math.pi) * math.exp(-1 / 4) + 1 * math.erf(1 / 2)) - 2 * 2 / math.sqrt(math.pi)
+    one_d = metrics.energy_distance(a[:, :1], c[:, :1], max_points=1500)
+    assert one_d == pytest.approx(expected, abs=0.05)
+    with pytest.raises(ValueError, match="one dimension"):
+        metrics.energy_distance(a, c[:, :1])
