@@ -131,3 +131,11 @@ def test_ddim_sampler_with_the_exact_noise_recovers_the_mixture():
     for k in range(3):
         assert abs((labels == k).double().mean().item() - 1 / 3) < 0.03
         assert (x0[labels == k].mean(0) - mix.means[k]).abs().max() < 0.1
+
+
+def test_the_benchmark_runs_and_compares_equal_work():
+    from dlearn import bench
+
+    res = bench.bench_ddim(num_steps=3, batch=4, repeats=1)
+    assert set(res) == {"book_s_per_step", "diffusers_s_per_step", "ratio_book_over_diffusers"}
+    assert all(v > 0 for v in res.values())

@@ -18,7 +18,7 @@ ORDER = [
     "elbo", "vae", "hvae", "schedules", "vdm", "ddpm", "ddim", "score", "text2image", "guidance",
     "controlnet", "dreambooth", "inversion", "sd",
     # presentation and tooling, which may use everything
-    "widgets", "book",
+    "widgets", "book", "bench",
 ]  # fmt: skip
 
 
