@@ -228,6 +228,12 @@ class HVAE(nn.Module):
         """Bottom-up features of the images, shape (B, c2, 4, 4)."""
         return self.trunk(levels_to_unit(x_levels).to(next(self.parameters()).device))
 
+    def posterior_z2(self, x_levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z2 | x) of top-down inference: mean and log-variance, each (B, z2_dim)."""
+        if self.config.inference != "top_down":
+            raise ValueError("q(z2 | x) exists only with top-down inference; the Markov encoder infers z2 from z1")
+        return _split(self.q2(self.features(x_levels).flatten(1)))
+
     def prior_z1(self, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """p(z1 | z2): mean and log-variance, each (N, z1_dim)."""
         return _split(self.prior1(z2))

@@ -110,3 +110,12 @@ def test_the_shipped_hvae_beats_the_vae_and_uses_both_levels():
     assert t["kl1"].mean() > 1 and t["kl2"].mean() > 1  # neither level collapsed
     # without warm-up the bound is worse
     assert zoo.info("hvae_no_warmup")["metrics"]["neg_iwae_1000"] > zoo.info("hvae")["metrics"]["neg_iwae_1000"]
+
+
+def test_posterior_z2_is_the_top_down_encoder(gen):
+    model = hvae.HVAE(z1_channels=1, z2_dim=2, channels=(8, 8), hidden=16).eval()
+    x, _ = datasets.digits("val")
+    mean, logvar = model.posterior_z2(x[:3])
+    assert mean.shape == logvar.shape == (3, 2)
+    with pytest.raises(ValueError, match="top-down"):
+        hvae.HVAE(z1_channels=1, z2_dim=2, channels=(8, 8), hidden=16, inference="markov").posterior_z2(x[:3])
