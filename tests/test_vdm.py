@@ -331,3 +331,12 @@ def test_the_vdm_recipe_runs_a_few_steps():
     model, result = vdm.train_vdm(max_steps=10, progress=False)
     assert result.steps == 10 and math.isfinite(result.best_metric)
     assert 0 < vdm.bound_on_split(model, "val", draws=1) < 400  # nats per image; uniform is 181
+
+
+def test_the_shipped_vdm_bound_beats_part_one_and_the_autoregressive_anchor():
+    from dlearn import zoo
+
+    vdm_bound = zoo.info("vdm")["mean"]["neg_elbo"]
+    assert vdm_bound < zoo.info("vae")["mean"]["neg_iwae_1000"]  # below the VAE's IWAE bound
+    assert vdm_bound < zoo.info("hvae")["mean"]["neg_iwae_1000"]
+    assert vdm_bound < 86.4  # intro_dgm's autoregressive model, exact NLL on the same split (BOOK.md)
