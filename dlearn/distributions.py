@@ -78,10 +78,15 @@ def kl_normal_diag(
     Returns:
         KL per example in nats, shape (B,).
     """
+    kl = kl_normal_diag_per_dim(mean_q, logvar_q, mean_p, logvar_p)
+    return sum_except_batch(kl.expand(torch.broadcast_shapes(kl.shape, mean_q.shape)))
+
+
+def kl_normal_diag_per_dim(mean_q, logvar_q, mean_p=0.0, logvar_p=0.0) -> torch.Tensor:
+    """The terms of `kl_normal_diag` before the sum: one KL per dimension, shape of mean_q (for free bits)."""
     mean_p = torch.as_tensor(mean_p, dtype=mean_q.dtype, device=mean_q.device)
     logvar_p = torch.as_tensor(logvar_p, dtype=mean_q.dtype, device=mean_q.device)
-    kl = 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p) ** 2) * torch.exp(-logvar_p) - 1.0)
-    return sum_except_batch(kl.expand(torch.broadcast_shapes(kl.shape, mean_q.shape)))
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p) ** 2) * torch.exp(-logvar_p) - 1.0)
 
 
 def check_levels(x: torch.Tensor, name: str = "x") -> torch.Tensor:

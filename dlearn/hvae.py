@@ -22,7 +22,7 @@ from torch import nn
 
 from dlearn import datasets, vae
 from dlearn.datasets import TwoLevelLinearGaussian
-from dlearn.distributions import log_normal_diag
+from dlearn.distributions import kl_normal_diag_per_dim, log_normal_diag
 from dlearn.elbo import log_mean_exp
 from dlearn.nets import MLP
 from dlearn.train import TrainConfig, TrainResult, fit
@@ -283,16 +283,9 @@ def _draw(model: HVAE, x_levels: torch.Tensor, num_samples: int, generator) -> d
         "log_q_z": log_q.reshape(k, b),
     }
     if c.inference == "top_down":
-        out["kl1_dims"] = kl_normal_diag_elementwise(m1, lv1, pm1, plv1).reshape(k, b, -1)
-        out["kl2_dims"] = kl_normal_diag_elementwise(m2, lv2, 0.0, 0.0).reshape(k, b, -1)
+        out["kl1_dims"] = kl_normal_diag_per_dim(m1, lv1, pm1, plv1).reshape(k, b, -1)
+        out["kl2_dims"] = kl_normal_diag_per_dim(m2, lv2, 0.0, 0.0).reshape(k, b, -1)
     return out
-
-
-def kl_normal_diag_elementwise(mean_q, logvar_q, mean_p, logvar_p) -> torch.Tensor:
-    """KL per latent dimension (no sum), same shape as mean_q; sums to `distributions.kl_normal_diag`."""
-    mean_p = torch.as_tensor(mean_p, dtype=mean_q.dtype, device=mean_q.device)
-    logvar_p = torch.as_tensor(logvar_p, dtype=mean_q.dtype, device=mean_q.device)
-    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p) ** 2) * torch.exp(-logvar_p) - 1.0)
 
 
 def elbo_terms(model: HVAE, x_levels: torch.Tensor, generator=None) -> dict[str, torch.Tensor]:
