@@ -199,6 +199,23 @@ def log_discretized_logistic(x: torch.Tensor, mean: torch.Tensor, log_scale: tor
     return sum_except_batch(logp)
 
 
+def pixel_histogram_logits(train_levels: torch.Tensor, pseudo_count: float = 1.0) -> torch.Tensor:
+    """The independent per-pixel baseline: each pixel's histogram of levels over a training set.
+
+    Args:
+        train_levels: grey levels 0..16, shape (N, ...).
+        pseudo_count: added to every count (Laplace smoothing), so unseen levels keep some mass; > 0.
+
+    Returns:
+        log-probabilities of shape (1, 17, ...), usable as logits by `log_categorical_pixels`.
+    """
+    x = check_levels(train_levels, "train_levels")
+    if not pseudo_count > 0:
+        raise ValueError(f"pseudo_count must be > 0, got {pseudo_count}")
+    counts = torch.nn.functional.one_hot(x, NUM_LEVELS).sum(0).movedim(-1, 0).double() + pseudo_count
+    return (counts / counts.sum(0, keepdim=True)).log().unsqueeze(0)
+
+
 def nats_to_bits_per_dim(nats: torch.Tensor | float, num_dims: int) -> torch.Tensor | float:
     """Convert a negative log-likelihood in nats per example to bits per dimension: nats / (D ln 2)."""
     if num_dims <= 0:

@@ -162,6 +162,26 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor, max_points: int = 2000, ge
     return float(2 * ab - aa - bb)
 
 
+def nearest_distances(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance from each image of `x` to its nearest image in `reference`, shape (N,)."""
+    if x.ndim < 2 or reference.ndim < 2 or x.shape[1:] != reference.shape[1:]:
+        raise ValueError(f"x and reference must be batches of one image shape, got {tuple(x.shape)} and {tuple(reference.shape)}")
+    return torch.cdist(x.reshape(len(x), -1).double(), reference.reshape(len(reference), -1).double()).min(1).values
+
+
+def memorisation(samples: torch.Tensor, train: torch.Tensor, test: torch.Tensor, quantile: float = 0.05) -> float:
+    """The share of samples closer to their nearest training image than the test digits' `quantile`.
+
+    The threshold is the `quantile` (5th percentile) of the test digits' nearest-training distances, so
+    fresh digits from the data distribution score about `quantile`; a model that copies its training set
+    scores near 1. Report it next to every Frechet distance: copying scores the FD floor.
+    """
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    threshold = torch.quantile(nearest_distances(test, train), quantile)
+    return float((nearest_distances(samples, train) < threshold).double().mean())
+
+
 def digit_mask(levels: torch.Tensor, threshold: int = 8) -> torch.Tensor:
     """TB5's control mask: pixels whose grey level exceeds `threshold` (of 0..16), as bool."""
     from dlearn.distributions import check_levels

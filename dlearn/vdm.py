@@ -318,14 +318,22 @@ class VDM(nn.Module):
 
     Args:
         net: (z_t (B, 1, 8, 8), gamma (B,)) -> logits (B, 17, 8, 8); e.g. `nets.ConvDenoiser(out_ch=17)`.
+            With parameterisation "eps" the net outputs the noise instead, shape (B, 1, 8, 8).
         schedule: gamma(t) for t in [0, 1] (`LinearLogSNR` or `MonotoneLogSNR`).
+        parameterisation: "levels" (above) or "eps": x0_hat = (z_t - sigma eps_hat) / alpha, the plain
+            noise prediction of DDPM, kept for the comparison of chapter 04.
     """
 
-    def __init__(self, net: nn.Module, schedule: nn.Module):
+    def __init__(self, net: nn.Module, schedule: nn.Module, parameterisation: str = "levels"):
         super().__init__()
-        self.net, self.schedule = net, schedule
+        if parameterisation not in ("levels", "eps"):
+            raise ValueError(f"parameterisation must be 'levels' or 'eps', got {parameterisation!r}")
+        self.net, self.schedule, self.parameterisation = net, schedule, parameterisation
 
     def x0_hat(self, z_t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        if self.parameterisation == "eps":
+            g = gamma.reshape(-1, 1, 1, 1)
+            return (z_t - torch.sigmoid(g).sqrt() * self.net(z_t, gamma)) / torch.sigmoid(-g).sqrt()
         logits = self.net(z_t, gamma) + level_log_likelihoods(z_t, gamma)[:, :, 0]  # (B, 17, 8, 8)
         probs = torch.softmax(logits, dim=1)
         return (probs * level_values(z_t.device, z_t.dtype).reshape(1, -1, 1, 1)).sum(1, keepdim=True)
@@ -365,13 +373,13 @@ class VDM(nn.Module):
 
 
 class _LevelDenoiser(nn.Module):
-    """`nets.ConvDenoiser` with 17 output channels, conditioned on gamma = -log SNR."""
+    """`nets.ConvDenoiser` with 17 output channels (or `out_ch`), conditioned on gamma = -log SNR."""
 
-    def __init__(self, channels=(32, 64), emb_scale: float = 50.0):
+    def __init__(self, channels=(32, 64), emb_scale: float = 50.0, out_ch: int = 17):
         super().__init__()
         from dlearn.nets import ConvDenoiser
 
-        self.net = ConvDenoiser(in_ch=1, out_ch=17, channels=channels, emb_dim=128, emb_scale=emb_scale)
+        self.net = ConvDenoiser(in_ch=1, out_ch=out_ch, channels=channels, emb_dim=128, emb_scale=emb_scale)
 
     def forward(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         return self.net(z, gamma)
@@ -387,10 +395,13 @@ def bound_on_split(model: VDM, split: str = "test", draws: int = 20, seed: int =
         return torch.stack([model.neg_elbo_terms(x, g)["neg_elbo"].detach() for _ in range(draws)]).mean().item()
 
 
-def build_vdm(learned: bool = True, gamma_min: float = -10.0, gamma_max: float = 6.0, channels=(32, 64)) -> VDM:
-    """The digits VDM: a 17-level conv denoiser and a learned (`MonotoneLogSNR`) or fixed linear schedule."""
+def build_vdm(learned: bool = True, gamma_min: float = -10.0, gamma_max: float = 6.0, channels=(32, 64),
+              parameterisation: str = "levels") -> VDM:  # fmt: skip
+    """The digits VDM: a 17-level conv denoiser (or a plain eps one) and a learned (`MonotoneLogSNR`) or
+    fixed linear schedule."""
     schedule = MonotoneLogSNR(gamma_min, gamma_max, hidden=64) if learned else LinearLogSNR(gamma_min, gamma_max)
-    return VDM(_LevelDenoiser(tuple(channels)), schedule)
+    net = _LevelDenoiser(tuple(channels), out_ch=17 if parameterisation == "levels" else 1)
+    return VDM(net, schedule, parameterisation)
 
 
 def protocol_metrics(model: VDM) -> dict[str, float]:
@@ -409,6 +420,7 @@ def train_vdm(
     gamma_max: float = 6.0,
     channels=(32, 64),
     lr: float = 2e-3,
+    parameterisation: str = "levels",
     progress: bool | None = None,
 ):
     """A recipe for the digits VDM: AdamW on the one-sample -ELBO, cosine decay, weight average, best validation bound.
@@ -421,7 +433,7 @@ def train_vdm(
     x_train, _ = datasets.digits("train")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_vdm(learned, gamma_min, gamma_max, channels)
+        model = build_vdm(learned, gamma_min, gamma_max, channels, parameterisation)
 
     def loss_fn(m, batch, gen):
         return m.neg_elbo_terms(batch[0], gen)["neg_elbo"].mean()

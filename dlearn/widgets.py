@@ -43,3 +43,93 @@ def latent_explorer(decode: Callable[[torch.Tensor], torch.Tensor], limit: float
     z2.observe(draw, names="value")
     draw()
     return W.VBox([W.HBox([z1, z2]), out])
+
+
+def schedule_explorer(alpha_bars: dict[str, torch.Tensor]):
+    """Plot alpha_bar, SNR or log-SNR over normalised time t in [0, 1] for named schedules; a dropdown picks
+    the quantity and a range slider zooms into part of the chain.
+
+    Args:
+        alpha_bars: {name: alpha_bar over its steps, shape (T,)}; schedules of different lengths are
+            drawn over the same normalised time.
+
+    Returns:
+        an ipywidgets `VBox`.
+    """
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    for name, a in alpha_bars.items():
+        if a.ndim != 1 or not ((a > 0) & (a < 1)).all():
+            raise ValueError(f"alpha_bars[{name!r}] must be a 1-D tensor of values in (0, 1)")
+    quantity = W.Dropdown(options=["alpha_bar", "SNR (log axis)", "log-SNR"], value="log-SNR", description="show")
+    window = W.FloatRangeSlider(value=(0.0, 1.0), min=0.0, max=1.0, step=0.01, description="t range")
+    out = W.Output()
+
+    def draw(*_):
+        with out:
+            out.clear_output(wait=True)
+            fig, ax = plt.subplots(figsize=(5, 3))
+            for name, a in alpha_bars.items():
+                a = a.double().cpu()
+                t = torch.linspace(0, 1, len(a), dtype=torch.float64)
+                y = {"alpha_bar": a, "SNR (log axis)": a / (1 - a), "log-SNR": torch.log(a) - torch.log1p(-a)}[quantity.value]
+                keep = (t >= window.value[0]) & (t <= window.value[1])
+                ax.plot(t[keep].numpy(), y[keep].numpy(), label=name)
+            if quantity.value == "SNR (log axis)":
+                ax.set_yscale("log")
+            ax.set_xlabel("t (normalised)")
+            ax.set_ylabel(quantity.value)
+            ax.legend(fontsize=8)
+            plt.show()
+
+    quantity.observe(draw, names="value")
+    window.observe(draw, names="value")
+    draw()
+    return W.VBox([W.HBox([quantity, window]), out])
+
+
+def forward_process_slider(images: torch.Tensor, points: torch.Tensor, alpha_bar: torch.Tensor, seed: int = 0):
+    """A slider over t that shows q(x_t | x_0) on digits and on 2-D points, with one fixed noise draw
+    (so that moving t shows the same noise fading in).
+
+    Args:
+        images: digits in [-1, 1], shape (n, 1, 8, 8).
+        points: 2-D samples, shape (m, 2).
+        alpha_bar: the schedule, shape (T,).
+
+    Returns:
+        an ipywidgets `VBox`.
+    """
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    if images.ndim != 4 or points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"expected images (n, 1, 8, 8) and points (m, 2), got {tuple(images.shape)} and {tuple(points.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    eps_img = torch.randn(images.shape, generator=g, dtype=images.dtype)
+    eps_pts = torch.randn(points.shape, generator=g, dtype=points.dtype)
+    step = W.IntSlider(value=0, min=0, max=len(alpha_bar) - 1, step=1, description="t", continuous_update=False)
+    out = W.Output()
+
+    def draw(*_):
+        a = alpha_bar[step.value].to(images.dtype)
+        x_img = a.sqrt() * images + (1 - a).sqrt() * eps_img
+        x_pts = a.sqrt() * points + (1 - a).sqrt() * eps_pts
+        with out:
+            out.clear_output(wait=True)
+            fig, axes = plt.subplots(1, len(images) + 1, figsize=(1.4 * len(images) + 3, 2.6),
+                                     gridspec_kw={"width_ratios": [1] * len(images) + [2.2]})  # fmt: skip
+            for ax, img in zip(axes[:-1], x_img, strict=True):
+                ax.imshow(img[0].cpu().numpy(), cmap="gray", vmin=-2, vmax=2)
+                ax.set_axis_off()
+            axes[-1].scatter(x_pts[:, 0].cpu().numpy(), x_pts[:, 1].cpu().numpy(), s=2, alpha=0.4)
+            axes[-1].set_xlim(-4, 4)
+            axes[-1].set_ylim(-4, 4)
+            axes[-1].set_aspect("equal")
+            fig.suptitle(f"t = {step.value}: alpha_bar = {a.item():.4g}, SNR = {(a / (1 - a)).item():.3g}", fontsize=9)
+            plt.show()
+
+    step.observe(draw, names="value")
+    draw()
+    return W.VBox([step, out])

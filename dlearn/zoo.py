@@ -44,6 +44,8 @@ class Entry:
         seeds: the recipe runs once per seed; the first seed's weights ship, and the record holds every
             seed's metrics with their mean and standard deviation.
         tolerance: how far a re-evaluation may move each metric (absolute) before the check fails.
+        quick_evaluate: "module:callable" model -> a subset of the metrics, cheap enough for the test
+            suite; `check` uses it unless asked for the full evaluation (None: `evaluate` is cheap).
     """
 
     build: str
@@ -54,6 +56,7 @@ class Entry:
     recipe_kwargs: dict = field(default_factory=dict)
     seeds: tuple[int, ...] = (0,)
     tolerance: float = 1e-6
+    quick_evaluate: str | None = None
 
 
 def _latent_model(module: str, description: str, config: dict, recipe_kwargs: dict, seeds=(0,)) -> Entry:
@@ -118,6 +121,43 @@ REGISTRY: dict[str, Entry] = {
         seeds=(0, 1, 2),
         tolerance=0.05,
     ),
+    "vdm_fixed": Entry(
+        build="dlearn.vdm:build_vdm",
+        recipe="dlearn.vdm:train_vdm",
+        evaluate="dlearn.vdm:protocol_metrics",
+        description="chapter 04's comparison: vdm with a fixed linear log-SNR schedule (same endpoints); 3 seeds",
+        config={"learned": False, "gamma_min": -10.0, "gamma_max": 6.0, "channels": (32, 64)},
+        recipe_kwargs={"max_steps": 5000},
+        seeds=(0, 1, 2),
+        tolerance=0.05,
+    ),
+    **{
+        name: Entry(
+            build="dlearn.ddpm:build_ddpm",
+            recipe="dlearn.ddpm:train_ddpm",
+            evaluate="dlearn.ddpm:protocol_metrics",
+            description=f"chapter 05's DDPM: conv denoiser, linear schedule, {desc}; FD, memorisation, bound",
+            config={"prediction_type": pred, "channels": (32, 64), "dropout": 0.1},
+            recipe_kwargs={"max_steps": 6000, "weighting": weighting},
+            tolerance=0.05,
+            quick_evaluate="dlearn.ddpm:quick_metrics",
+        )
+        for name, pred, weighting, desc in (
+            ("ddpm", "eps", "simple", "eps-prediction, L_simple"),
+            ("ddpm_x0", "x0", "simple", "x0-prediction, unweighted MSE"),
+            ("ddpm_v", "v", "simple", "v-prediction, unweighted MSE"),
+            ("ddpm_vlb", "eps", "vlb", "eps-prediction trained on the bound L_vlb"),
+        )
+    },
+    "vdm_eps": Entry(
+        build="dlearn.vdm:build_vdm",
+        recipe="dlearn.vdm:train_vdm",
+        evaluate="dlearn.vdm:protocol_metrics",
+        description="chapter 04's comparison: vdm with plain eps-prediction instead of the 17-level denoiser",
+        config={"learned": True, "gamma_min": -10.0, "gamma_max": 6.0, "channels": (32, 64), "parameterisation": "eps"},
+        recipe_kwargs={"max_steps": 5000},
+        tolerance=0.05,
+    ),
     "hvae_no_warmup": _latent_model(
         "hvae",
         "chapter 03's ablation: hvae without KL warm-up",
@@ -173,15 +213,21 @@ def evaluate(name: str, model: nn.Module) -> dict[str, float]:
     return {k: float(v) for k, v in _resolve(_entry(name).evaluate)(model).items()}
 
 
-def check(name: str) -> dict[str, tuple[float, float]]:
+def check(name: str, full: bool = False) -> dict[str, tuple[float, float]]:
     """Re-evaluate the shipped weights; raise if any metric moved beyond the entry's tolerance.
 
+    Args:
+        full: re-measure every recorded metric, even where the entry has a cheaper `quick_evaluate`
+            that re-measures a subset (the default, used by the test suite).
+
     Returns:
-        {metric: (recorded, measured)}.
+        {metric: (recorded, measured)} for the metrics re-measured.
     """
-    recorded = info(name)["metrics"]
-    measured = evaluate(name, load(name))
-    tol = _entry(name).tolerance
+    entry = _entry(name)
+    measured = evaluate(name, load(name)) if full or entry.quick_evaluate is None else {
+        k: float(v) for k, v in _resolve(entry.quick_evaluate)(load(name)).items()}  # fmt: skip
+    recorded = {k: v for k, v in info(name)["metrics"].items() if k in measured or full or entry.quick_evaluate is None}
+    tol = entry.tolerance
     report = {k: (recorded[k], measured.get(k, float("nan"))) for k in recorded}
     bad = {k: v for k, v in report.items() if not abs(v[0] - v[1]) <= tol}
     if bad:
@@ -202,7 +248,7 @@ def train(name: str, seed: int | None = None, save: bool = True, measure: bool =
     kwargs = {**entry.config, **entry.recipe_kwargs, **overrides}
     if save and not measure:
         raise ValueError("weights are saved only with their measured metrics (measure=True)")
-    runs, models = [], []
+    runs, models, histories = [], [], []
     for s in seeds:
         start = time.perf_counter()
         model, result = _resolve(entry.recipe)(seed=s, **kwargs)
@@ -210,6 +256,7 @@ def train(name: str, seed: int | None = None, save: bool = True, measure: bool =
         runs.append({"seed": s, "steps": result.steps, "best_step": result.best_step, "best_val": result.best_metric,
                      "train_seconds": seconds, "metrics": evaluate(name, model) if measure else {}})  # fmt: skip
         models.append(model)
+        histories.append(result.history)
     keys = runs[0]["metrics"]
     mean = {k: sum(r["metrics"][k] for r in runs) / len(runs) for k in keys}
     std = {k: (sum((r["metrics"][k] - mean[k]) ** 2 for r in runs) / max(1, len(runs) - 1)) ** 0.5 for k in keys}
@@ -218,6 +265,7 @@ def train(name: str, seed: int | None = None, save: bool = True, measure: bool =
         "recipe": entry.recipe,
         "recipe_kwargs": kwargs,
         **{k: runs[0][k] for k in ("seed", "steps", "best_step", "best_val", "train_seconds", "metrics")},
+        "history": histories[0],
         "runs": runs,
         "mean": mean,
         "std": std,
@@ -238,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument("--seed", type=int, default=None, help="one seed instead of the entry's seeds")
     p_check = sub.add_parser("check", help="re-evaluate shipped weights against their recorded metrics")
     p_check.add_argument("name")
+    p_check.add_argument("--full", action="store_true", help="re-measure every metric (slow for the DDPMs)")
     args = parser.parse_args(argv)
     if args.command == "list":
         for name, entry in REGISTRY.items():
@@ -251,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         _, meta = train(args.name, seed=args.seed)
         print(f"wrote {weights_path(args.name)}: {meta['train_seconds']} s, metrics {meta['metrics']}")
     else:
-        for k, (rec, got) in check(args.name).items():
+        for k, (rec, got) in check(args.name, full=args.full).items():
             print(f"{k}: recorded {rec:.6g}, measured {got:.6g}")
 
 

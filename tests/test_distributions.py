@@ -133,3 +133,21 @@ def test_bits_per_dim_conversions():
     assert D.bits_per_dim_to_nats(D.nats_to_bits_per_dim(123.4, 64), 64) == pytest.approx(123.4)
     with pytest.raises(ValueError, match="positive"):
         D.nats_to_bits_per_dim(1.0, 0)
+
+
+def test_pixel_histogram_baseline():
+    from dlearn import datasets
+
+    train, _ = datasets.digits("train")
+    logits = D.pixel_histogram_logits(train)
+    assert logits.shape == (1, 17, 1, 8, 8)
+    torch.testing.assert_close(logits.exp().sum(1), torch.ones(1, 1, 8, 8, dtype=torch.float64))
+    # counting by hand for one pixel
+    k = train[:, 0, 3, 4]
+    expected = (torch.bincount(k, minlength=17).double() + 1) / (len(k) + 17)
+    torch.testing.assert_close(logits[0, :, 0, 3, 4].exp(), expected)
+    # a huge pseudo-count is the uniform distribution
+    flat = D.pixel_histogram_logits(train, pseudo_count=1e12)
+    torch.testing.assert_close(flat.exp(), torch.full_like(flat, 1 / 17))
+    with pytest.raises(ValueError, match="pseudo_count"):
+        D.pixel_histogram_logits(train, 0.0)

@@ -1,0 +1,39 @@
+"""The notebooks' widgets build, redraw when moved, and refuse bad input."""
+
+import ipywidgets
+import pytest
+import torch
+
+from dlearn import schedules, widgets
+
+
+def test_latent_explorer_redraws():
+    calls = []
+
+    def decode(z):
+        calls.append(z.clone())
+        return torch.zeros(1, 1, 8, 8)
+
+    box = widgets.latent_explorer(decode)
+    slider = box.children[0].children[0]
+    slider.value = 1.5
+    assert isinstance(box, ipywidgets.VBox) and len(calls) == 2 and calls[-1][0, 0].item() == 1.5
+
+
+def test_schedule_explorer_switches_quantity():
+    abs_ = {name: schedules.alpha_bar_from_betas(schedules.make_betas(name, 100)) for name in ("linear", "cosine")}
+    box = widgets.schedule_explorer(abs_)
+    quantity, window = box.children[0].children
+    for value in quantity.options:
+        quantity.value = value
+    window.value = (0.2, 0.5)
+    with pytest.raises(ValueError, match="values in"):
+        widgets.schedule_explorer({"bad": torch.tensor([0.5, 1.0])})
+
+
+def test_forward_process_slider_moves():
+    ab = schedules.alpha_bar_from_betas(schedules.linear_betas(100))
+    box = widgets.forward_process_slider(torch.zeros(3, 1, 8, 8), torch.zeros(50, 2), ab)
+    box.children[0].value = 99
+    with pytest.raises(ValueError, match="points"):
+        widgets.forward_process_slider(torch.zeros(3, 1, 8, 8), torch.zeros(50, 3), ab)
