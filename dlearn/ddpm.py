@@ -200,11 +200,16 @@ class DigitsDDPM(nn.Module):
     """A DDPM for the 8x8 digits: `nets.ConvDenoiser` plus a fixed schedule and a prediction type.
 
     The schedule is a buffer (saved with the weights, never trained: the forward process has no
-    parameters, CONCEPTS D4). `forward(x_t, t)` is the raw network output, read as eps, x0 or v by
-    `prediction_type`; `eps_x0(x_t, t)` turns it into both.
+    parameters, CONCEPTS D4). `forward(x_t, t)` is the network's output, read as eps, x0 or v by
+    `output_type`; `eps_x0(x_t, t)` turns it into both.
+
+    "levels" is chapter 04's parameterisation in discrete time: the net gives 17 logits per pixel, the
+    exact log-likelihood log N(x_t; sqrt(alpha_bar) v_k, 1 - alpha_bar) of each grey level v_k is added,
+    and the output is the posterior mean over levels, an x0 prediction (`output_type` "x0") that snaps
+    onto the right level when the noise is small.
 
     Args:
-        prediction_type: "eps", "x0" or "v".
+        prediction_type: "eps", "x0", "v" or "levels".
         schedule: "linear" (1e-4 -> 0.02) or "cosine", with `num_steps` steps.
         channels, dropout: the denoiser's widths at 8x8 and 4x4, and its dropout.
     """
@@ -215,10 +220,12 @@ class DigitsDDPM(nn.Module):
         from dlearn.nets import ConvDenoiser
         from dlearn.schedules import alpha_bar_from_betas, make_betas
 
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if prediction_type not in (*PREDICTION_TYPES, "levels"):
+            raise ValueError(f"prediction_type must be one of {(*PREDICTION_TYPES, 'levels')}, got {prediction_type!r}")
         self.prediction_type, self.schedule = prediction_type, schedule
-        self.net = ConvDenoiser(in_ch=1, out_ch=1, channels=tuple(channels), emb_dim=128, dropout=dropout)
+        self.output_type = "x0" if prediction_type == "levels" else prediction_type
+        out_ch = 17 if prediction_type == "levels" else 1
+        self.net = ConvDenoiser(in_ch=1, out_ch=out_ch, channels=tuple(channels), emb_dim=128, dropout=dropout)
         self.register_buffer("alpha_bar", alpha_bar_from_betas(make_betas(schedule, num_steps)))
 
     @property
@@ -226,11 +233,18 @@ class DigitsDDPM(nn.Module):
         return len(self.alpha_bar)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x_t, t.float())
+        out = self.net(x_t, t.float())
+        if self.prediction_type != "levels":
+            return out
+        a = append_dims(self.alpha_bar[t], x_t.ndim + 1)  # (B, 1, 1, 1, 1)
+        v = torch.linspace(-1, 1, 17, device=x_t.device, dtype=x_t.dtype).reshape(1, 17, 1, 1, 1)
+        log_lik = -((x_t.unsqueeze(1) - a.sqrt() * v) ** 2) / (2 * (1 - a))  # (B, 17, 1, 8, 8)
+        probs = torch.softmax(out.unsqueeze(2) + log_lik, dim=1)
+        return (probs * v).sum(1)
 
     def eps_x0(self, x_t: torch.Tensor, t: torch.Tensor):
         """(x0_hat, eps_hat) at integer steps t (B,)."""
-        return predict_x0_eps(x_t, self(x_t, t), self.alpha_bar[t], self.prediction_type)
+        return predict_x0_eps(x_t, self(x_t, t), self.alpha_bar[t], self.output_type)
 
 
 def training_loss(model: DigitsDDPM, x0: torch.Tensor, generator: torch.Generator | None = None,
@@ -252,7 +266,7 @@ def training_loss(model: DigitsDDPM, x0: torch.Tensor, generator: torch.Generato
     x_t = q_sample(x0, a, eps)
     out = model(x_t, t)
     if weighting == "simple":
-        target = {"eps": eps, "x0": x0, "v": velocity(x0, eps, a)}[model.prediction_type]
+        target = {"eps": eps, "x0": x0, "v": velocity(x0, eps, a)}[model.output_type]
         return ((out - target) ** 2).mean()
     terms = _vlb_terms_at(model, x0, t, x_t, eps, out)
     return model.num_steps * terms.mean() / x0[0].numel()
@@ -270,7 +284,7 @@ def _vlb_terms_at(model, x0, t, x_t, eps, out) -> torch.Tensor:
 
     a_t = model.alpha_bar[t]
     a_p = model.alpha_bar[(t - 1).clamp(min=0)]
-    x0_hat, _ = predict_x0_eps(x_t, out, a_t, model.prediction_type)
+    x0_hat, _ = predict_x0_eps(x_t, out, a_t, model.output_type)
     sq = ((x0_hat - x0) ** 2).reshape(x0.shape[0], -1).sum(1)
     a_p = torch.where(t > 0, a_p, (1 + a_t) / 2)  # any valid level at t = 0, where the KL is not used
     kl = x0_loss_weight(a_t, a_p) * sq
@@ -280,12 +294,13 @@ def _vlb_terms_at(model, x0, t, x_t, eps, out) -> torch.Tensor:
 
 @torch.no_grad()
 def vlb_terms(model: DigitsDDPM, x_levels: torch.Tensor, generator: torch.Generator | None = None,
-              stride: int = 1, batch_size: int = 1024) -> dict[str, torch.Tensor]:  # fmt: skip
+              stride: int = 1, exact_below: int = 100, batch_size: int = 1024) -> dict[str, torch.Tensor]:  # fmt: skip
     """The variational bound L = L_T + sum_{t>1} L_{t-1} + L_0 per image, in nats (Ho et al. 2020, Eq. 5).
 
-    Every step's KL is computed with one noise draw per image; with `stride` > 1 only every stride-th
-    step (from a random offset) is visited and the sum scaled by `stride`, an unbiased stratified
-    estimate. The decoder term L_0 is always computed.
+    Every step's KL is computed with one noise draw per image; with `stride` > 1, every step below
+    `exact_below` is still visited (they carry most of the bound) and above it only every stride-th step
+    from a random offset, its term scaled by `stride`: an unbiased stratified estimate. The decoder
+    term L_0 is always computed.
 
     Returns:
         per-image tensors "prior" (L_T), "diffusion" (the KL sum), "reconstruction" (L_0), "neg_elbo".
@@ -298,8 +313,10 @@ def vlb_terms(model: DigitsDDPM, x_levels: torch.Tensor, generator: torch.Genera
     dev = model.alpha_bar.device
     x0 = levels_to_unit(x_levels).to(dev)
     n, T = x0.shape[0], model.num_steps
-    offset = 1 + int(torch.randint(0, stride, (1,), generator=generator)) if stride > 1 else 1
-    steps = torch.arange(offset, T, stride)
+    low = min(max(exact_below, 1), T)
+    offset = int(torch.randint(0, stride, (1,), generator=generator)) if stride > 1 else 0
+    steps = torch.cat([torch.arange(1, low), torch.arange(low + offset, T, stride)])
+    weight = {s: (1 if s < low else stride) for s in steps.tolist()}
     diffusion = torch.zeros(n, dtype=torch.float64, device=dev)
     recon = torch.zeros(n, dtype=torch.float64, device=dev)
     for t_val in [0] + steps.tolist():
@@ -312,7 +329,7 @@ def vlb_terms(model: DigitsDDPM, x_levels: torch.Tensor, generator: torch.Genera
             if t_val == 0:
                 recon[i : i + batch_size] = term
             else:
-                diffusion[i : i + batch_size] += stride * term
+                diffusion[i : i + batch_size] += weight[t_val] * term
     prior = prior_matching_kl(x0.double(), model.alpha_bar[-1].double())
     return {"prior": prior, "diffusion": diffusion, "reconstruction": recon,
             "neg_elbo": prior + diffusion + recon}  # fmt: skip
@@ -332,9 +349,9 @@ def generate(model: DigitsDDPM, n: int, sampler: str = "ddim", steps: int = 50, 
     try:
         if sampler == "ancestral":
             timesteps = None if steps == model.num_steps else torch.linspace(model.num_steps - 1, 0, steps).round().long()
-            return sample(model, x_T, model.alpha_bar, timesteps, model.prediction_type, generator=g, progress=progress)
+            return sample(model, x_T, model.alpha_bar, timesteps, model.output_type, generator=g, progress=progress)
         if sampler == "ddim":
-            return ddim.sample(model, x_T, model.alpha_bar, steps, prediction_type=model.prediction_type, clip=True,
+            return ddim.sample(model, x_T, model.alpha_bar, steps, prediction_type=model.output_type, clip=True,
                                progress=progress)  # fmt: skip
         raise ValueError(f"sampler must be 'ancestral' or 'ddim', got {sampler!r}")
     finally:

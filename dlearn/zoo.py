@@ -147,6 +147,7 @@ REGISTRY: dict[str, Entry] = {
             ("ddpm_x0", "x0", "simple", "x0-prediction, unweighted MSE"),
             ("ddpm_v", "v", "simple", "v-prediction, unweighted MSE"),
             ("ddpm_vlb", "eps", "vlb", "eps-prediction trained on the bound L_vlb"),
+            ("ddpm_levels", "levels", "simple", "chapter 04's 17-level denoiser, x0 MSE"),
         )
     },
     "vdm_eps": Entry(

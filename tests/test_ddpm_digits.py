@@ -189,6 +189,22 @@ def test_simple_loss_targets(ptype, gen):
     assert loss.ndim == 0 and torch.isfinite(loss)
 
 
+def test_levels_parameterisation_snaps_onto_the_grey_levels(gen):
+    torch.manual_seed(0)
+    model = ddpm.DigitsDDPM("levels", channels=(8, 16)).eval()
+    assert model.output_type == "x0"
+    x, _ = datasets.digits("val")
+    x0 = distributions.levels_to_unit(x[:8])
+    with torch.no_grad():
+        for t_val in (0, 1):  # little noise (std 0.010, 0.014; levels 0.125 apart): the likelihood decides
+            t = torch.full((8,), t_val)
+            x_t = ddpm.q_sample(x0, model.alpha_bar[t], torch.randn(x0.shape, generator=gen))
+            assert (model(x_t, t) - x0).abs().max() < 1e-2
+        t = torch.full((8,), 999)  # pure noise: a weighted mean of the levels, inside [-1, 1]
+        out = model(torch.randn(x0.shape, generator=gen), t)
+    assert out.abs().max() < 1 and (out - x0).abs().max() > 0.3
+
+
 def test_generate_shapes_and_determinism(tiny):
     a = ddpm.generate(tiny, 5, "ddim", 5, seed=3, progress=False)
     b = ddpm.generate(tiny, 5, "ddim", 5, seed=3, progress=False)
