@@ -283,13 +283,16 @@ def _vlb_terms_at(model, x0, t, x_t, eps, out) -> torch.Tensor:
     from dlearn.vdm import x0_loss_weight
 
     a_t = model.alpha_bar[t]
-    a_p = model.alpha_bar[(t - 1).clamp(min=0)]
     x0_hat, _ = predict_x0_eps(x_t, out, a_t, model.output_type)
-    sq = ((x0_hat - x0) ** 2).reshape(x0.shape[0], -1).sum(1)
-    a_p = torch.where(t > 0, a_p, (1 + a_t) / 2)  # any valid level at t = 0, where the KL is not used
-    kl = x0_loss_weight(a_t, a_p) * sq
-    nll0 = -log_discretized_gaussian(unit_to_levels(x0), x0_hat, _decoder_logvar(model.alpha_bar))
-    return torch.where(t > 0, kl, nll0)
+    terms = torch.zeros(x0.shape[0], dtype=x0_hat.dtype, device=x0.device)
+    first, rest = t == 0, t > 0  # each term only where it applies: the other one can be infinite there
+    if rest.any():
+        sq = ((x0_hat[rest] - x0[rest]) ** 2).reshape(int(rest.sum()), -1).sum(1)
+        terms = terms.index_put((rest,), x0_loss_weight(a_t[rest], model.alpha_bar[t[rest] - 1]) * sq)
+    if first.any():
+        nll0 = -log_discretized_gaussian(unit_to_levels(x0[first]), x0_hat[first], _decoder_logvar(model.alpha_bar))
+        terms = terms.index_put((first,), nll0)
+    return terms
 
 
 @torch.no_grad()
@@ -395,8 +398,9 @@ def train_ddpm(
     """A recipe for the digits DDPM: AdamW, cosine decay, weight average (EMA 0.999), batch 128.
 
     Every `eval_every` steps it measures, on the validation split, the Frechet distance of 500 DDIM-20
-    samples (the selection metric: the best-FD weights are returned) and the bound (stride 10); both
-    are kept in the result's history as "val" and "val_bound", to show that they need not agree.
+    samples (the selection metric: the best-FD weights are returned), their memorisation (threshold from
+    the validation digits) and the bound (stride 10); the history keeps them as "val",
+    "val_memorisation" and "val_bound", to show that they need not agree.
     """
     from dlearn import datasets, zoo
     from dlearn.train import TrainConfig, fit
@@ -407,12 +411,20 @@ def train_ddpm(
         torch.manual_seed(seed)
         model = build_ddpm(prediction_type, schedule, channels, dropout)
     clf = zoo.load("digits_classifier")
-    bounds = []
+    extra = []
 
     def val_fn(m):
+        from dlearn import metrics
+        from dlearn.distributions import levels_to_unit, unit_to_levels
+
         g = torch.Generator().manual_seed(1)
-        bounds.append(vlb_terms(m, x_val, g, stride=10)["neg_elbo"].mean().item())
-        return sample_quality(generate(m, 500, "ddim", 20, seed=1, progress=False), "val", clf)["fd"]
+        samples = generate(m, 500, "ddim", 20, seed=1, progress=False)
+        x_val_unit, x_train_unit = levels_to_unit(x_val), levels_to_unit(datasets.digits("train")[0])
+        extra.append({
+            "val_bound": vlb_terms(m, x_val, g, stride=10)["neg_elbo"].mean().item(),
+            "val_memorisation": metrics.memorisation(levels_to_unit(unit_to_levels(samples.cpu())), x_train_unit, x_val_unit),
+        })  # fmt: skip
+        return sample_quality(samples, "val", clf)["fd"]
 
     def loss_fn(m, batch, gen):
         return training_loss(m, batch[0], gen, weighting)
@@ -420,8 +432,8 @@ def train_ddpm(
     cfg = TrainConfig(max_steps=max_steps, batch_size=128, lr=lr, lr_schedule="cosine", ema=0.999,
                       eval_every=eval_every, seed=seed, progress=progress)  # fmt: skip
     result = fit(model, loss_fn, (x_train,), cfg, val_fn=val_fn)
-    for record, bound in zip(result.history, bounds, strict=False):  # a resumed run has no bounds for earlier records
-        record["val_bound"] = bound
+    for record, more in zip(result.history, extra, strict=False):  # a resumed run lacks them for earlier records
+        record.update(more)
     return model.eval(), result
 
 

@@ -232,3 +232,15 @@ def test_bad_input():
         ddpm.training_loss(ddpm.DigitsDDPM(channels=(8, 16)), torch.zeros(2, 1, 8, 8), weighting="snr")
     with pytest.raises(ValueError, match="stride"):
         ddpm.vlb_terms(ddpm.DigitsDDPM(channels=(8, 16)), torch.zeros(2, 1, 8, 8, dtype=torch.long), stride=0)
+
+
+def test_vlb_gradients_are_finite_when_the_batch_mixes_the_decoder_and_kl_terms(gen):
+    torch.manual_seed(0)
+    model = ddpm.DigitsDDPM("eps", channels=(8, 16))
+    x0 = distributions.levels_to_unit(datasets.digits("val")[0][:4])
+    t = torch.tensor([0, 1, 500, 999])  # L_0 on the first image, KL terms on the others
+    eps = torch.randn(x0.shape, generator=gen)
+    x_t = ddpm.q_sample(x0, model.alpha_bar[t], eps)
+    terms = ddpm._vlb_terms_at(model, x0, t, x_t, eps, model(x_t, t))
+    terms.sum().backward()
+    assert torch.isfinite(terms).all() and all(torch.isfinite(p.grad).all() for p in model.parameters())
