@@ -148,6 +148,7 @@ REGISTRY: dict[str, Entry] = {
             ("ddpm_v", "v", "simple", "v-prediction, unweighted MSE"),
             ("ddpm_vlb", "eps", "vlb", "eps-prediction trained on the bound L_vlb"),
             ("ddpm_levels", "levels", "simple", "chapter 04's 17-level denoiser, x0 MSE"),
+            ("ddpm_levels_vlb", "levels", "vlb", "chapter 04's 17-level denoiser trained on the bound L_vlb"),
         )
     },
     "vdm_eps": Entry(
