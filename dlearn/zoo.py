@@ -133,14 +133,14 @@ REGISTRY: dict[str, Entry] = {
     ),
     **{
         name: Entry(
-            build="dlearn.ddpm:build_ddpm",
-            recipe="dlearn.ddpm:train_ddpm",
-            evaluate="dlearn.ddpm:protocol_metrics",
+            build="dlearn.diffusion:build_ddpm",
+            recipe="dlearn.diffusion:train_ddpm",
+            evaluate="dlearn.diffusion:protocol_metrics",
             description=f"chapter 05's DDPM: conv denoiser, linear schedule, {desc}; FD, memorisation, bound",
             config={"prediction_type": pred, "channels": (32, 64), "dropout": 0.1},
             recipe_kwargs={"max_steps": 6000, "weighting": weighting},
             tolerance=0.05,
-            quick_evaluate="dlearn.ddpm:quick_metrics",
+            quick_evaluate="dlearn.diffusion:quick_metrics",
         )
         for name, pred, weighting, desc in (
             ("ddpm", "eps", "simple", "eps-prediction, L_simple"),

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dlearn import datasets, ddpm, distributions, metrics, nets, schedules, vdm
+from dlearn import datasets, ddpm, diffusion, distributions, metrics, nets, schedules, vdm
 
 
 def _ab64(name="linear"):
@@ -16,7 +16,7 @@ def _ab64(name="linear"):
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return ddpm.DigitsDDPM("eps", channels=(8, 16), num_steps=1000).eval()
+    return diffusion.DigitsDDPM("eps", channels=(8, 16), num_steps=1000).eval()
 
 
 def test_check_D1_latents_have_the_data_dimension_and_the_chain_is_markov(gen):
@@ -48,7 +48,7 @@ def test_check_D4_the_forward_process_has_no_parameters(tiny, gen):
     assert "alpha_bar" in dict(tiny.named_buffers()) and not tiny.alpha_bar.requires_grad
     x0 = datasets.digits("val", form="unit")[0][:8]
     tiny.train()
-    ddpm.training_loss(tiny, x0, gen).backward()
+    diffusion.training_loss(tiny, x0, gen).backward()
     tiny.eval()
     assert tiny.alpha_bar.grad is None and all(p.grad is not None for p in tiny.parameters())
     tiny.zero_grad()
@@ -164,34 +164,34 @@ def test_check_P13_eps_prediction_is_a_score_estimate(gen):
 def test_vlb_terms_add_up_and_the_vlb_loss_estimates_them(tiny):
     x, _ = datasets.digits("val")
     x = x[:32]
-    terms = ddpm.vlb_terms(tiny, x, torch.Generator().manual_seed(0))
+    terms = diffusion.vlb_terms(tiny, x, torch.Generator().manual_seed(0))
     torch.testing.assert_close(terms["neg_elbo"], terms["prior"] + terms["diffusion"] + terms["reconstruction"])
     assert all(v.shape == (32,) and torch.isfinite(v).all() for v in terms.values())
     assert (terms["prior"] > 0).all() and (terms["reconstruction"] >= 0).all()
     # the stratified estimate (every 10th step) agrees with the full sum within Monte Carlo error
     gens = [torch.Generator().manual_seed(s) for s in range(8)]
-    strided = torch.stack([ddpm.vlb_terms(tiny, x, g, stride=10)["neg_elbo"].mean() for g in gens])
+    strided = torch.stack([diffusion.vlb_terms(tiny, x, g, stride=10)["neg_elbo"].mean() for g in gens])
     assert abs(strided.mean() - terms["neg_elbo"].mean()) < 4 * strided.std() / math.sqrt(8) + 0.02 * terms["neg_elbo"].mean()
     # L_vlb training loss: T E_t[L_t] / d with t uniform on 0..T-1 is unbiased for (L_0 + sum_t L_t) / d
     g = torch.Generator().manual_seed(1)
     x0 = distributions.levels_to_unit(x)
     with torch.no_grad():
-        draws = torch.stack([ddpm.training_loss(tiny, x0, g, "vlb") for _ in range(400)])
+        draws = torch.stack([diffusion.training_loss(tiny, x0, g, "vlb") for _ in range(400)])
     target = (terms["diffusion"] + terms["reconstruction"]).mean().item() / 64
     assert abs(draws.mean().item() - target) < 4 * draws.std().item() / math.sqrt(400)
 
 
 @pytest.mark.parametrize("ptype", ddpm.PREDICTION_TYPES)
 def test_simple_loss_targets(ptype, gen):
-    model = ddpm.DigitsDDPM(ptype, channels=(8, 16))
+    model = diffusion.DigitsDDPM(ptype, channels=(8, 16))
     x0 = datasets.digits("val", form="unit")[0][:4]
-    loss = ddpm.training_loss(model, x0, gen)
+    loss = diffusion.training_loss(model, x0, gen)
     assert loss.ndim == 0 and torch.isfinite(loss)
 
 
 def test_levels_parameterisation_snaps_onto_the_grey_levels(gen):
     torch.manual_seed(0)
-    model = ddpm.DigitsDDPM("levels", channels=(8, 16)).eval()
+    model = diffusion.DigitsDDPM("levels", channels=(8, 16)).eval()
     assert model.output_type == "x0"
     x, _ = datasets.digits("val")
     x0 = distributions.levels_to_unit(x[:8])
@@ -206,12 +206,12 @@ def test_levels_parameterisation_snaps_onto_the_grey_levels(gen):
 
 
 def test_generate_shapes_and_determinism(tiny):
-    a = ddpm.generate(tiny, 5, "ddim", 5, seed=3, progress=False)
-    b = ddpm.generate(tiny, 5, "ddim", 5, seed=3, progress=False)
-    c = ddpm.generate(tiny, 5, "ancestral", 10, seed=3, progress=False)
+    a = diffusion.generate(tiny, 5, "ddim", 5, seed=3, progress=False)
+    b = diffusion.generate(tiny, 5, "ddim", 5, seed=3, progress=False)
+    c = diffusion.generate(tiny, 5, "ancestral", 10, seed=3, progress=False)
     assert a.shape == c.shape == (5, 1, 8, 8) and torch.equal(a, b) and a.abs().max() <= 1
     with pytest.raises(ValueError, match="sampler"):
-        ddpm.generate(tiny, 2, "euler")
+        diffusion.generate(tiny, 2, "euler")
 
 
 def test_memorisation_scores_copies_and_fresh_digits():
@@ -227,21 +227,21 @@ def test_memorisation_scores_copies_and_fresh_digits():
 
 def test_bad_input():
     with pytest.raises(ValueError, match="prediction_type"):
-        ddpm.DigitsDDPM("score")
+        diffusion.DigitsDDPM("score")
     with pytest.raises(ValueError, match="weighting"):
-        ddpm.training_loss(ddpm.DigitsDDPM(channels=(8, 16)), torch.zeros(2, 1, 8, 8), weighting="snr")
+        diffusion.training_loss(diffusion.DigitsDDPM(channels=(8, 16)), torch.zeros(2, 1, 8, 8), weighting="snr")
     with pytest.raises(ValueError, match="stride"):
-        ddpm.vlb_terms(ddpm.DigitsDDPM(channels=(8, 16)), torch.zeros(2, 1, 8, 8, dtype=torch.long), stride=0)
+        diffusion.vlb_terms(diffusion.DigitsDDPM(channels=(8, 16)), torch.zeros(2, 1, 8, 8, dtype=torch.long), stride=0)
 
 
 def test_vlb_gradients_are_finite_when_the_batch_mixes_the_decoder_and_kl_terms(gen):
     torch.manual_seed(0)
-    model = ddpm.DigitsDDPM("eps", channels=(8, 16))
+    model = diffusion.DigitsDDPM("eps", channels=(8, 16))
     x0 = distributions.levels_to_unit(datasets.digits("val")[0][:4])
     t = torch.tensor([0, 1, 500, 999])  # L_0 on the first image, KL terms on the others
     eps = torch.randn(x0.shape, generator=gen)
     x_t = ddpm.q_sample(x0, model.alpha_bar[t], eps)
-    terms = ddpm._vlb_terms_at(model, x0, t, x_t, eps, model(x_t, t))
+    terms = diffusion._vlb_terms_at(model, x0, t, x_t, eps, model(x_t, t))
     terms.sum().backward()
     assert torch.isfinite(terms).all() and all(torch.isfinite(p.grad).all() for p in model.parameters())
 
@@ -278,5 +278,5 @@ def test_check_P12_a_discretised_decoder_gives_a_proper_bound_that_beats_the_bas
     assert bpd["ddpm_levels_vlb"] < hist_bpd  # the 17-level denoiser trained on the bound beats the histogram
     # and the decoder term is a proper probability: L_0 >= 0, so the bound is a bound on a discrete likelihood
     model = zoo.load("ddpm_levels_vlb")
-    terms = ddpm.vlb_terms(model, x_test[:50], torch.Generator().manual_seed(0), stride=10)
+    terms = diffusion.vlb_terms(model, x_test[:50], torch.Generator().manual_seed(0), stride=10)
     assert (terms["reconstruction"] >= 0).all() and (terms["neg_elbo"] > 0).all()

@@ -1,0 +1,278 @@
+"""Chapter 05 on the digits: a DDPM model, its losses (L_simple, L_vlb), its bound, samples and their scores.
+
+The mathematics lives in `ddpm` (forward process, posterior, ancestral step) and `ddim`; this module
+puts them to work on the 8x8 digits: `DigitsDDPM` (a conv denoiser with a fixed schedule),
+`training_loss`, `vlb_terms` (the bound of Ho et al. 2020, Eq. 5), `generate` (ancestral or DDIM),
+`sample_quality` (Frechet distance with memorisation) and the zoo's recipe `train_ddpm`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dlearn.ddpm import PREDICTION_TYPES, append_dims, predict_x0_eps, q_sample, sample, velocity
+
+LOSS_WEIGHTINGS = ("simple", "vlb")
+
+
+class DigitsDDPM(nn.Module):
+    """A DDPM for the 8x8 digits: `nets.ConvDenoiser` plus a fixed schedule and a prediction type.
+
+    The schedule is a buffer (saved with the weights, never trained: the forward process has no
+    parameters, CONCEPTS D4). `forward(x_t, t)` is the network's output, read as eps, x0 or v by
+    `output_type`; `eps_x0(x_t, t)` turns it into both.
+
+    "levels" is chapter 04's parameterisation in discrete time: the net gives 17 logits per pixel, the
+    exact log-likelihood log N(x_t; sqrt(alpha_bar) v_k, 1 - alpha_bar) of each grey level v_k is added,
+    and the output is the posterior mean over levels, an x0 prediction (`output_type` "x0") that snaps
+    onto the right level when the noise is small.
+
+    Args:
+        prediction_type: "eps", "x0", "v" or "levels".
+        schedule: "linear" (1e-4 -> 0.02) or "cosine", with `num_steps` steps.
+        channels, dropout: the denoiser's widths at 8x8 and 4x4, and its dropout.
+    """
+
+    def __init__(self, prediction_type: str = "eps", schedule: str = "linear", num_steps: int = 1000,
+                 channels=(32, 64), dropout: float = 0.1):  # fmt: skip
+        super().__init__()
+        from dlearn.nets import ConvDenoiser
+        from dlearn.schedules import alpha_bar_from_betas, make_betas
+
+        if prediction_type not in (*PREDICTION_TYPES, "levels"):
+            raise ValueError(f"prediction_type must be one of {(*PREDICTION_TYPES, 'levels')}, got {prediction_type!r}")
+        self.prediction_type, self.schedule = prediction_type, schedule
+        self.output_type = "x0" if prediction_type == "levels" else prediction_type
+        out_ch = 17 if prediction_type == "levels" else 1
+        self.net = ConvDenoiser(in_ch=1, out_ch=out_ch, channels=tuple(channels), emb_dim=128, dropout=dropout)
+        self.register_buffer("alpha_bar", alpha_bar_from_betas(make_betas(schedule, num_steps)))
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.alpha_bar)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.net(x_t, t.float())
+        if self.prediction_type != "levels":
+            return out
+        a = append_dims(self.alpha_bar[t], x_t.ndim + 1)  # (B, 1, 1, 1, 1)
+        v = torch.linspace(-1, 1, 17, device=x_t.device, dtype=x_t.dtype).reshape(1, 17, 1, 1, 1)
+        log_lik = -((x_t.unsqueeze(1) - a.sqrt() * v) ** 2) / (2 * (1 - a))  # (B, 17, 1, 8, 8)
+        probs = torch.softmax(out.unsqueeze(2) + log_lik, dim=1)
+        return (probs * v).sum(1)
+
+    def eps_x0(self, x_t: torch.Tensor, t: torch.Tensor):
+        """(x0_hat, eps_hat) at integer steps t (B,)."""
+        return predict_x0_eps(x_t, self(x_t, t), self.alpha_bar[t], self.output_type)
+
+
+def training_loss(model: DigitsDDPM, x0: torch.Tensor, generator: torch.Generator | None = None,
+                  weighting: str = "simple") -> torch.Tensor:  # fmt: skip
+    """One Monte Carlo estimate of the training loss on a batch of images in [-1, 1] (Algorithm 1).
+
+    - "simple": |target - output|^2 averaged over pixels, target = eps, x0 or v (Ho et al. 2020, Eq. 14
+      for eps); t ~ U{0..T-1}.
+    - "vlb": the variational bound itself, T * E_t[L_t] per image in nats: the KL terms w_eps(t) |eps - eps_hat|^2
+      for t >= 1 (Luo eq. 130) and the discretised decoder -log p(x_0 | x_1) at t = 0. Unbiased, but its
+      weights put most of the loss on small t (w_eps falls 60-fold from the first steps to t = 300).
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+    b, dev = x0.shape[0], x0.device
+    t = torch.randint(0, model.num_steps, (b,), generator=generator).to(dev)
+    eps = torch.randn(x0.shape, generator=generator).to(dev)
+    a = model.alpha_bar[t]
+    x_t = q_sample(x0, a, eps)
+    out = model(x_t, t)
+    if weighting == "simple":
+        target = {"eps": eps, "x0": x0, "v": velocity(x0, eps, a)}[model.output_type]
+        return ((out - target) ** 2).mean()
+    terms = _vlb_terms_at(model, x0, t, x_t, eps, out)
+    return model.num_steps * terms.mean() / x0[0].numel()
+
+
+def _decoder_logvar(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """log sigma_1^2 of the decoder p(x_0 | x_1): DDPM's clipped fixed_small variance, beta-tilde at the second step."""
+    return torch.log((1 - alpha_bar[0]) / (1 - alpha_bar[1]) * (1 - alpha_bar[1] / alpha_bar[0]))
+
+
+def _vlb_terms_at(model, x0, t, x_t, eps, out) -> torch.Tensor:
+    """L_t per image (nats) at integer steps t: KL terms for t >= 1, the decoder term -log p(x_0 | x_1) at t = 0."""
+    from dlearn.distributions import log_discretized_gaussian, unit_to_levels
+    from dlearn.vdm import x0_loss_weight
+
+    a_t = model.alpha_bar[t]
+    x0_hat, _ = predict_x0_eps(x_t, out, a_t, model.output_type)
+    terms = torch.zeros(x0.shape[0], dtype=x0_hat.dtype, device=x0.device)
+    first, rest = t == 0, t > 0  # each term only where it applies: the other one can be infinite there
+    if rest.any():
+        sq = ((x0_hat[rest] - x0[rest]) ** 2).reshape(int(rest.sum()), -1).sum(1)
+        terms = terms.index_put((rest,), x0_loss_weight(a_t[rest], model.alpha_bar[t[rest] - 1]) * sq)
+    if first.any():
+        nll0 = -log_discretized_gaussian(unit_to_levels(x0[first]), x0_hat[first], _decoder_logvar(model.alpha_bar))
+        terms = terms.index_put((first,), nll0)
+    return terms
+
+
+@torch.no_grad()
+def vlb_terms(model: DigitsDDPM, x_levels: torch.Tensor, generator: torch.Generator | None = None,
+              stride: int = 1, exact_below: int = 100, batch_size: int = 1024) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The variational bound L = L_T + sum_{t>1} L_{t-1} + L_0 per image, in nats (Ho et al. 2020, Eq. 5).
+
+    Every step's KL is computed with one noise draw per image; with `stride` > 1, every step below
+    `exact_below` is still visited (they carry most of the bound) and above it only every stride-th step
+    from a random offset, its term scaled by `stride`: an unbiased stratified estimate. The decoder
+    term L_0 is always computed.
+
+    Returns:
+        per-image tensors "prior" (L_T), "diffusion" (the KL sum), "reconstruction" (L_0), "neg_elbo".
+    """
+    from dlearn.distributions import levels_to_unit
+    from dlearn.vdm import prior_matching_kl
+
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got {stride!r}")
+    dev = model.alpha_bar.device
+    x0 = levels_to_unit(x_levels).to(dev)
+    n, T = x0.shape[0], model.num_steps
+    low = min(max(exact_below, 1), T)
+    offset = int(torch.randint(0, stride, (1,), generator=generator)) if stride > 1 else 0
+    steps = torch.cat([torch.arange(1, low), torch.arange(low + offset, T, stride)])
+    weight = {s: (1 if s < low else stride) for s in steps.tolist()}
+    diffusion = torch.zeros(n, dtype=torch.float64, device=dev)
+    recon = torch.zeros(n, dtype=torch.float64, device=dev)
+    for t_val in [0] + steps.tolist():
+        for i in range(0, n, batch_size):
+            xb = x0[i : i + batch_size]
+            t = torch.full((xb.shape[0],), t_val, dtype=torch.long, device=dev)
+            eps = torch.randn(xb.shape, generator=generator).to(dev)
+            x_t = q_sample(xb, model.alpha_bar[t], eps)
+            term = _vlb_terms_at(model, xb, t, x_t, eps, model(x_t, t)).double()
+            if t_val == 0:
+                recon[i : i + batch_size] = term
+            else:
+                diffusion[i : i + batch_size] += weight[t_val] * term
+    prior = prior_matching_kl(x0.double(), model.alpha_bar[-1].double())
+    return {"prior": prior, "diffusion": diffusion, "reconstruction": recon,
+            "neg_elbo": prior + diffusion + recon}  # fmt: skip
+
+
+def generate(model: DigitsDDPM, n: int, sampler: str = "ddim", steps: int = 50, seed: int = 0,
+             progress: bool | None = None) -> torch.Tensor:  # fmt: skip
+    """n samples in [-1, 1], shape (n, 1, 8, 8): "ancestral" (every step of the chain, or `steps`
+    evenly strided) or "ddim" (eta = 0, `steps` steps, leading spacing)."""
+    from dlearn import ddim
+
+    g = torch.Generator().manual_seed(seed)
+    dev = model.alpha_bar.device
+    x_T = torch.randn((n, 1, 8, 8), generator=g).to(dev)
+    was_training = model.training
+    model.eval()
+    try:
+        if sampler == "ancestral":
+            timesteps = None if steps == model.num_steps else torch.linspace(model.num_steps - 1, 0, steps).round().long()
+            return sample(model, x_T, model.alpha_bar, timesteps, model.output_type, generator=g, progress=progress)
+        if sampler == "ddim":
+            return ddim.sample(model, x_T, model.alpha_bar, steps, prediction_type=model.output_type, clip=True,
+                               progress=progress)  # fmt: skip
+        raise ValueError(f"sampler must be 'ancestral' or 'ddim', got {sampler!r}")
+    finally:
+        model.train(was_training)
+
+
+def sample_quality(samples: torch.Tensor, reference: str = "test", classifier=None) -> dict[str, float]:
+    """Frechet distance of samples (quantised to the 17 levels) to a split in the digits classifier's
+    features, and the memorisation share (`metrics.memorisation`) against the train split."""
+    from dlearn import datasets, metrics, zoo
+    from dlearn.distributions import levels_to_unit, unit_to_levels
+
+    clf = classifier if classifier is not None else zoo.load("digits_classifier")
+    x = levels_to_unit(unit_to_levels(samples.detach().cpu()))
+    ref, _ = datasets.digits(reference, form="unit")
+    train, _ = datasets.digits("train", form="unit")
+    test, _ = datasets.digits("test", form="unit")
+    return {
+        "fd": metrics.frechet_distance(metrics.features(clf, x), metrics.features(clf, ref)),
+        "memorisation": metrics.memorisation(x, train, test),
+    }
+
+
+def build_ddpm(prediction_type: str = "eps", schedule: str = "linear", channels=(32, 64), dropout: float = 0.1) -> DigitsDDPM:
+    """The zoo's constructor (T = 1000)."""
+    return DigitsDDPM(prediction_type, schedule, 1000, channels, dropout)
+
+
+def train_ddpm(
+    seed: int = 0,
+    max_steps: int = 6000,
+    prediction_type: str = "eps",
+    weighting: str = "simple",
+    schedule: str = "linear",
+    channels=(32, 64),
+    dropout: float = 0.1,
+    lr: float = 2e-3,
+    eval_every: int = 1000,
+    progress: bool | None = None,
+):
+    """A recipe for the digits DDPM: AdamW, cosine decay, weight average (EMA 0.999), batch 128.
+
+    Every `eval_every` steps it measures, on the validation split, the Frechet distance of 500 DDIM-20
+    samples (the selection metric: the best-FD weights are returned), their memorisation (threshold from
+    the validation digits) and the bound (stride 10); the history keeps them as "val",
+    "val_memorisation" and "val_bound", to show that they need not agree.
+    """
+    from dlearn import datasets, zoo
+    from dlearn.train import TrainConfig, fit
+
+    x_train, _ = datasets.digits("train", form="unit")
+    x_val, _ = datasets.digits("val")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_ddpm(prediction_type, schedule, channels, dropout)
+    clf = zoo.load("digits_classifier")
+    extra = []
+
+    def val_fn(m):
+        from dlearn import metrics
+        from dlearn.distributions import levels_to_unit, unit_to_levels
+
+        g = torch.Generator().manual_seed(1)
+        samples = generate(m, 500, "ddim", 20, seed=1, progress=False)
+        x_val_unit, x_train_unit = levels_to_unit(x_val), levels_to_unit(datasets.digits("train")[0])
+        extra.append({
+            "val_bound": vlb_terms(m, x_val, g, stride=10)["neg_elbo"].mean().item(),
+            "val_memorisation": metrics.memorisation(levels_to_unit(unit_to_levels(samples.cpu())), x_train_unit, x_val_unit),
+        })  # fmt: skip
+        return sample_quality(samples, "val", clf)["fd"]
+
+    def loss_fn(m, batch, gen):
+        return training_loss(m, batch[0], gen, weighting)
+
+    cfg = TrainConfig(max_steps=max_steps, batch_size=128, lr=lr, lr_schedule="cosine", ema=0.999,
+                      eval_every=eval_every, seed=seed, progress=progress)  # fmt: skip
+    result = fit(model, loss_fn, (x_train,), cfg, val_fn=val_fn)
+    for record, more in zip(result.history, extra, strict=False):  # a resumed run lacks them for earlier records
+        record.update(more)
+    return model.eval(), result
+
+
+def protocol_metrics(model: DigitsDDPM) -> dict[str, float]:
+    """The zoo's record: the test bound (nats, bits/dim; every step, one noise draw per image and step) and,
+    for 1000 samples of each sampler (ancestral T = 1000; DDIM 50), the Frechet distance to the test
+    split and the memorisation share."""
+    from dlearn import datasets
+    from dlearn.distributions import nats_to_bits_per_dim
+
+    x_test, _ = datasets.digits("test")
+    nats = vlb_terms(model, x_test, torch.Generator().manual_seed(2))["neg_elbo"].mean().item()
+    out = {"neg_elbo": nats, "neg_elbo_bpd": nats_to_bits_per_dim(nats, 64)}
+    q = sample_quality(generate(model, 1000, "ancestral", model.num_steps, seed=0, progress=False), "test")
+    out["fd_ancestral"], out["memorisation_ancestral"] = q["fd"], q["memorisation"]
+    return {**out, **quick_metrics(model)}
+
+
+def quick_metrics(model: DigitsDDPM) -> dict[str, float]:
+    """The part of `protocol_metrics` that takes seconds: FD and memorisation of 1000 DDIM-50 samples."""
+    q = sample_quality(generate(model, 1000, "ddim", 50, seed=0, progress=False), "test")
+    return {"fd_ddim50": q["fd"], "memorisation_ddim50": q["memorisation"]}
