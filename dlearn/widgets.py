@@ -133,3 +133,52 @@ def forward_process_slider(images: torch.Tensor, points: torch.Tensor, alpha_bar
     step.observe(draw, names="value")
     draw()
     return W.VBox([step, out])
+
+
+def score_field(mixture, alpha_bar: torch.Tensor, n: int = 300, grid: int = 15, limit: float = 3.5, seed: int = 0):
+    """A slider over t on the plane: samples of x_t, the exact score of q(x_t) as arrows on a grid, and for
+    some samples an arrow to Tweedie's E[x0 | x_t].
+
+    Args:
+        mixture: a 2-D `datasets.GaussianMixture` (its score and posterior mean are exact).
+        alpha_bar: the schedule, shape (T,).
+
+    Returns:
+        an ipywidgets `VBox`.
+    """
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    if mixture.dim != 2:
+        raise ValueError(f"score_field draws 2-D mixtures, got dimension {mixture.dim}")
+    g = torch.Generator().manual_seed(seed)
+    x0, _ = mixture.sample(n, g)
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    lin = torch.linspace(-limit, limit, grid, dtype=torch.float64)
+    pts = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), -1).reshape(-1, 2)
+    step = W.IntSlider(value=100, min=0, max=len(alpha_bar) - 1, step=1, description="t", continuous_update=False)
+    out = W.Output()
+
+    def draw(*_):
+        a = alpha_bar[step.value].double()
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        s = mixture.score(pts, a)
+        s = s / s.norm(dim=1, keepdim=True).clamp(min=1e-12) * 0.2  # directions; lengths would span decades
+        tw = mixture.posterior_mean(x_t[:40], a)  # Tweedie: E[x0 | x_t]
+        with out:
+            out.clear_output(wait=True)
+            fig, ax = plt.subplots(figsize=(4.5, 4.5))
+            ax.scatter(x_t[:, 0], x_t[:, 1], s=4, alpha=0.4, label="x_t")
+            ax.quiver(pts[:, 0], pts[:, 1], s[:, 0], s[:, 1], angles="xy", scale_units="xy", scale=1, width=0.003, color="k")
+            ax.quiver(x_t[:40, 0], x_t[:40, 1], (tw - x_t[:40])[:, 0], (tw - x_t[:40])[:, 1], angles="xy", scale_units="xy",
+                      scale=1, width=0.004, color="C3", label="to E[x0 | x_t]")  # fmt: skip
+            ax.set_xlim(-limit, limit)
+            ax.set_ylim(-limit, limit)
+            ax.set_aspect("equal")
+            ax.legend(fontsize=7, loc="lower left")
+            ax.set_title(f"t = {step.value}: alpha_bar = {a.item():.3g}; black: score directions", fontsize=8)
+            plt.show()
+
+    step.observe(draw, names="value")
+    draw()
+    return W.VBox([step, out])

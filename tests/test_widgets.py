@@ -37,3 +37,14 @@ def test_forward_process_slider_moves():
     box.children[0].value = 99
     with pytest.raises(ValueError, match="points"):
         widgets.forward_process_slider(torch.zeros(3, 1, 8, 8), torch.zeros(50, 3), ab)
+
+
+def test_score_field_moves_and_refuses_other_dimensions():
+    from dlearn import datasets
+
+    ab = schedules.alpha_bar_from_betas(schedules.linear_betas(100))
+    box = widgets.score_field(datasets.mixture_2d(), ab, n=50, grid=5)
+    box.children[0].value = 99
+    box.children[0].value = 0
+    with pytest.raises(ValueError, match="2-D"):
+        widgets.score_field(datasets.gaussian_data(), ab)
