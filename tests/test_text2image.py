@@ -1,0 +1,73 @@
+"""Chapter 07's toy text-to-image world: vocabulary, tokenizer errors, the attribute captioner, the text encoder."""
+
+import pytest
+import torch
+
+from dlearn import datasets
+from dlearn import text2image as t2i
+
+
+def test_tokenize_pads_and_starts_with_bos():
+    ids = t2i.tokenize(["a thick three", ""])
+    assert ids.shape == (2, t2i.MAX_LENGTH) and (ids[:, 0] == t2i.BOS).all()
+    assert ids[0, 1:4].tolist() == [t2i.TOKEN_ID[w] for w in ("a", "thick", "three")] and (ids[0, 4:] == t2i.PAD).all()
+    assert (ids[1, 1:] == t2i.PAD).all()  # the empty prompt
+    assert torch.equal(t2i.tokenize("A Thick Three"), ids[:1])
+
+
+def test_tokenize_refuses_unknown_words_and_long_prompts():
+    with pytest.raises(ValueError, match=r"unknown word\(s\) \['elephant'\].*the vocabulary is: a zero one"):
+        t2i.tokenize("a thick elephant")
+    with pytest.raises(ValueError, match="unknown"):
+        t2i.tokenize("<pad> three")  # special tokens are not words
+    with pytest.raises(ValueError, match="at most 6 fit"):
+        t2i.tokenize("a thick thin slanted upright large three")
+    with pytest.raises(TypeError, match="strings"):
+        t2i.tokenize([3])
+
+
+def _digit(rows, cols, level=16):
+    x = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    for r, c in zip(rows, cols, strict=True):
+        x[0, 0, r, c] = level
+    return x
+
+
+def test_attributes_on_drawn_digits():
+    upright = _digit(range(1, 7), [3] * 6)
+    leaning = _digit(range(1, 7), [6, 5, 4, 3, 2, 1])  # top to the right
+    thick = torch.cat([_digit(range(1, 7), [3] * 6), _digit(range(1, 7), [4] * 6)]).amax(0, keepdim=True)
+    a = {k: v.tolist() for k, v in t2i.attributes(torch.cat([upright, leaning, thick])).items()}
+    assert abs(a["slant"][0]) < 1e-12 and a["slant"][1] > 0.5
+    assert a["thickness"][2] == pytest.approx(2 * a["thickness"][0])
+    assert a["size"][1] > a["size"][2] > a["size"][0] == pytest.approx((35 / 12) ** 0.5)  # sqrt(var of rows 1..6)
+    with pytest.raises(ValueError, match="shape"):
+        t2i.attributes(torch.zeros(2, 8, 8, dtype=torch.long))
+
+
+def test_captions_split_each_class_in_half():
+    x, y = datasets.digits("train")
+    caps = t2i.caption(x, y)
+    assert caps[0].startswith("a ") and caps[0].endswith(t2i.DIGIT_WORDS[int(y[0])])
+    words = t2i.default_thresholds().words(x, y)
+    for k, (_, high) in t2i.ATTRIBUTE_WORDS.items():
+        share = sum(w == high for w in words[k]) / len(y)
+        assert 0.4 < share < 0.55, (k, share)  # at or just under half: ties at the median go low
+    for c in caps[:50]:
+        t2i.tokenize(c)  # every caption is a valid prompt
+    assert t2i.parse_prompt("a thick three") == (3, {"thickness": "thick"}) and t2i.parse_prompt("") == (None, {})
+
+
+def test_text_encoder_shapes_and_padding():
+    torch.manual_seed(0)
+    enc = t2i.TextEncoder().eval()
+    ids = t2i.tokenize(["a thick three", "", "sks"])
+    out = enc(ids)
+    assert out.shape == (3, t2i.MAX_LENGTH, 32) and torch.isfinite(out).all()
+    # padding does not influence the real tokens: same prompt padded to the same length gives the same embedding
+    again = enc(t2i.tokenize(["a thick three"]))
+    torch.testing.assert_close(out[:1, :4], again[:, :4])
+    with pytest.raises(ValueError, match="<bos>"):
+        enc(torch.zeros(1, t2i.MAX_LENGTH, dtype=torch.long))
+    with pytest.raises(ValueError, match="shape"):
+        enc(ids[:, :3])
