@@ -182,3 +182,49 @@ def score_field(mixture, alpha_bar: torch.Tensor, n: int = 300, grid: int = 15, 
     step.observe(draw, names="value")
     draw()
     return W.VBox([step, out])
+
+
+def prompt_explorer(generate: Callable[[list[str], float], torch.Tensor], prompt: str = "a thick three", n: int = 8,
+                    max_scale: float = 8.0):  # fmt: skip
+    """A prompt box and a guidance-scale slider that generate `n` images live, with the seconds it took.
+
+    Args:
+        generate: (prompts, guidance scale) -> images in [-1, 1], shape (len(prompts), 1, 8, 8); e.g.
+            `lambda p, w: text2image.generate(model, p, w, steps=20)`.
+
+    Returns:
+        an ipywidgets `VBox` (controls, a status line with the seconds per batch, the images). A prompt
+        with unknown words shows the tokenizer's error in the status line instead of images.
+    """
+    import time
+
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    text = W.Text(value=prompt, description="prompt", continuous_update=False)
+    scale = W.FloatSlider(value=2.0, min=0.0, max=max_scale, step=0.5, description="guidance", continuous_update=False)
+    out = W.Output()
+    status = W.Label()
+
+    def draw(*_):
+        with out:
+            out.clear_output(wait=True)
+            start = time.perf_counter()
+            try:
+                images = generate([text.value] * n, scale.value)
+            except ValueError as exc:
+                status.value = f"cannot generate: {exc}"
+                return
+            seconds = time.perf_counter() - start
+            status.value = f"{n} images in {seconds:.2f} s"
+            fig, axes = plt.subplots(1, n, figsize=(1.2 * n, 1.6))
+            for ax, img in zip(axes, images, strict=True):
+                ax.imshow(img[0].cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
+                ax.set_axis_off()
+            fig.suptitle(f"{text.value!r}, w = {scale.value:g}: {n} images in {seconds:.2f} s", fontsize=9)
+            plt.show()
+
+    text.observe(draw, names="value")
+    scale.observe(draw, names="value")
+    draw()
+    return W.VBox([W.HBox([text, scale]), status, out])

@@ -15,7 +15,7 @@ ORDER = [
     # shared toolkit
     "distributions", "datasets", "nets", "train", "results", "plotting", "metrics", "zoo",
     # chapters, in reading order
-    "elbo", "vae", "hvae", "schedules", "vdm", "ddpm", "ddim", "diffusion", "score", "text2image", "guidance",
+    "elbo", "vae", "hvae", "schedules", "vdm", "ddpm", "ddim", "diffusion", "score", "guidance", "text2image",
     "controlnet", "dreambooth", "inversion", "sd",
     # presentation and tooling, which may use everything
     "widgets", "book", "bench",

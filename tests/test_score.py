@@ -165,7 +165,7 @@ def test_check_S10_the_normaliser_drops_out_of_the_score():
 def test_probability_flow_is_the_limit_of_ddim_and_samples_the_target():
     mix = datasets.mixture_2d()
     ab = _ab64()
-    x_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x_T = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     steps = schedules.inference_timesteps(1000, 50)
     levels = torch.cat([ab[steps], torch.tensor([1.0], dtype=torch.float64)])
     exact_eps = lambda x, a: mix.eps_star(x, a)  # noqa: E731
@@ -177,8 +177,8 @@ def test_probability_flow_is_the_limit_of_ddim_and_samples_the_target():
         lv = torch.cat([ab[ts], torch.tensor([1.0], dtype=torch.float64)])
         gaps.append((out - score.probability_flow(exact_eps, x_T, lv, substeps=20)).abs().mean().item())
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.02
-    target, _ = mix.sample(2000, torch.Generator().manual_seed(1))
-    other, _ = mix.sample(2000, torch.Generator().manual_seed(2))
+    target, _ = mix.sample(1000, torch.Generator().manual_seed(1))
+    other, _ = mix.sample(1000, torch.Generator().manual_seed(2))
     spread = abs(metrics.energy_distance(other, target, max_points=2000))
     assert metrics.energy_distance(flow, target, max_points=2000) < 5 * spread + 0.01
 

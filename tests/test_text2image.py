@@ -71,3 +71,36 @@ def test_text_encoder_shapes_and_padding():
         enc(torch.zeros(1, t2i.MAX_LENGTH, dtype=torch.long))
     with pytest.raises(ValueError, match="shape"):
         enc(ids[:, :3])
+
+
+def test_prompt_fidelity_of_real_digits_is_near_perfect():
+    x, y = datasets.digits("val")
+    from dlearn.distributions import levels_to_unit
+
+    bits = t2i.attribute_bits(x, y)
+    fid = t2i.prompt_fidelity(levels_to_unit(x), y, bits)
+    assert fid["class_accuracy"] > 0.95 and fid["attribute_accuracy"] == 1.0 and fid["fd"] < 5
+    flipped = t2i.prompt_fidelity(levels_to_unit(x), y, 1 - bits)
+    assert flipped["attribute_accuracy"] == 0.0
+
+
+def test_evaluation_prompts_cover_every_class_and_attribute_combination():
+    prompts, classes, bits = t2i.evaluation_prompts(per_prompt=2)
+    assert len(prompts) == 160 and len(set(prompts)) == 80 and torch.bincount(classes).tolist() == [16] * 10
+    for p, c, b in zip(prompts, classes, bits, strict=True):
+        digit, asked = t2i.parse_prompt(p)
+        assert digit == c and all(asked[k] == t2i.ATTRIBUTE_WORDS[k][int(b[j])] for j, k in enumerate(t2i.ATTRIBUTE_WORDS))
+
+
+def test_model_generates_with_guidance_and_training_prompts_drop_out():
+    torch.manual_seed(0)
+    model = t2i.TextToImage()
+    imgs = t2i.generate(model, ["a thick three", ""], guidance_scale=3.0, steps=3)
+    assert imgs.shape == (2, 1, 8, 8) and imgs.abs().max() <= 1
+    assert torch.equal(imgs, t2i.generate(model, ["a thick three", ""], guidance_scale=3.0, steps=3))
+    with pytest.raises(ValueError, match="one prompt per image"):
+        model(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), t2i.tokenize(["a three"]))
+    g = torch.Generator().manual_seed(0)
+    prompts = t2i.training_prompts(torch.zeros(2000, dtype=torch.long), torch.ones(2000, 3, dtype=torch.long), g)
+    assert abs(sum(p == "" for p in prompts) / 2000 - 0.1) < 0.02
+    assert all(p == "" or (p.startswith("a ") and p.endswith("zero") and "thin" not in p) for p in prompts)

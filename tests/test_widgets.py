@@ -48,3 +48,22 @@ def test_score_field_moves_and_refuses_other_dimensions():
     box.children[0].value = 0
     with pytest.raises(ValueError, match="2-D"):
         widgets.score_field(datasets.gaussian_data(), ab)
+
+
+def test_prompt_explorer_generates_and_reports_bad_prompts():
+    calls = []
+
+    def generate(prompts, w):
+        from dlearn import text2image
+
+        text2image.tokenize(prompts)  # raises for unknown words, like the real generator
+        calls.append((prompts[0], w))
+        return torch.zeros(len(prompts), 1, 8, 8)
+
+    box = widgets.prompt_explorer(generate, n=3)
+    text, scale = box.children[0].children
+    scale.value = 4.0
+    assert box.children[1].value.startswith("3 images in")
+    text.value = "a purple three"  # unknown word: the widget shows the error, nothing is generated
+    assert calls == [("a thick three", 2.0), ("a thick three", 4.0)]
+    assert "unknown word" in box.children[1].value
