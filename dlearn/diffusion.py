@@ -233,16 +233,17 @@ def train_ddpm(
     clf = zoo.load("digits_classifier")
     extra = []
 
-    def val_fn(m):
-        from dlearn import metrics
-        from dlearn.distributions import levels_to_unit, unit_to_levels
+    from dlearn import metrics
+    from dlearn.distributions import levels_to_unit, unit_to_levels
 
+    x_val_unit = levels_to_unit(x_val)
+
+    def val_fn(m):
         g = torch.Generator().manual_seed(1)
         samples = generate(m, 500, "ddim", 20, seed=1, progress=False)
-        x_val_unit, x_train_unit = levels_to_unit(x_val), levels_to_unit(datasets.digits("train")[0])
         extra.append({
             "val_bound": vlb_terms(m, x_val, g, stride=10)["neg_elbo"].mean().item(),
-            "val_memorisation": metrics.memorisation(levels_to_unit(unit_to_levels(samples.cpu())), x_train_unit, x_val_unit),
+            "val_memorisation": metrics.memorisation(levels_to_unit(unit_to_levels(samples.cpu())), x_train, x_val_unit),
         })  # fmt: skip
         return sample_quality(samples, "val", clf)["fd"]
 

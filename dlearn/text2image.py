@@ -317,13 +317,12 @@ def train_text2image(seed: int = 0, max_steps: int = 5000, p_uncond: float = 0.1
     """The zoo's recipe: eps-loss with random partial captions and prompt dropout `p_uncond`, AdamW, cosine decay,
     EMA 0.999; keeps the weights with the best validation FD (400 samples of validation captions, w = 2, DDIM-20)."""
     from dlearn import datasets, metrics, zoo
-    from dlearn.distributions import levels_to_unit
+    from dlearn.distributions import levels_to_unit, unit_to_levels
     from dlearn.train import TrainConfig, fit
 
     x, y = datasets.digits("train")
     data = (levels_to_unit(x), y, attribute_bits(x, y))
     x_val, y_val = datasets.digits("val")
-    val_bits = attribute_bits(x_val, y_val)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = TextToImage()
@@ -337,15 +336,12 @@ def train_text2image(seed: int = 0, max_steps: int = 5000, p_uncond: float = 0.1
         a = m.alpha_bar[t].reshape(-1, 1, 1, 1)
         return ((m(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, ids) - eps) ** 2).mean()
 
-    def val_fn(m):
-        n = 350
-        prompts = [" ".join(["a", *(ATTRIBUTE_WORDS[k][int(val_bits[i, j])] for j, k in enumerate(ATTRIBUTE_WORDS)),
-                             DIGIT_WORDS[int(y_val[i])]]) for i in range(n)]  # fmt: skip
-        imgs = generate(m, prompts, 2.0, steps=20, seed=1)
-        feats = metrics.features(clf, levels_to_unit(datasets.digits("val")[0]))
-        from dlearn.distributions import unit_to_levels
+    val_prompts = caption(x_val, y_val)  # every attribute of every validation digit
+    val_feats = metrics.features(clf, levels_to_unit(x_val))
 
-        return metrics.frechet_distance(metrics.features(clf, levels_to_unit(unit_to_levels(imgs.cpu()))), feats)
+    def val_fn(m):
+        imgs = generate(m, val_prompts, 2.0, steps=20, seed=1)
+        return metrics.frechet_distance(metrics.features(clf, levels_to_unit(unit_to_levels(imgs.cpu()))), val_feats)
 
     cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, lr_schedule="cosine", ema=0.999,
                       eval_every=eval_every, seed=seed, progress=progress)  # fmt: skip

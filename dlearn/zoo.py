@@ -74,6 +74,23 @@ def _latent_model(module: str, description: str, config: dict, recipe_kwargs: di
     )
 
 
+def _vdm_entry(description: str, learned: bool, parameterisation: str | None = None, seeds=(0, 1, 2)) -> Entry:
+    """An entry of chapter 04: the digits VDM (log-SNR from -10 to 6), 5000 steps, its test bound."""
+    config = {"learned": learned, "gamma_min": -10.0, "gamma_max": 6.0, "channels": (32, 64)}
+    if parameterisation is not None:
+        config["parameterisation"] = parameterisation
+    return Entry(
+        build="dlearn.vdm:build_vdm",
+        recipe="dlearn.vdm:train_vdm",
+        evaluate="dlearn.vdm:protocol_metrics",
+        description=description,
+        config=config,
+        recipe_kwargs={"max_steps": 5000},
+        seeds=tuple(seeds),
+        tolerance=0.05,
+    )
+
+
 REGISTRY: dict[str, Entry] = {
     "digits_classifier": Entry(
         build="dlearn.metrics:DigitClassifier",
@@ -111,26 +128,8 @@ REGISTRY: dict[str, Entry] = {
         {"z1_channels": 2, "z2_dim": 8, "inference": "markov"},
         {"max_steps": 4000, "warmup_steps": 1000},
     ),
-    "vdm": Entry(
-        build="dlearn.vdm:build_vdm",
-        recipe="dlearn.vdm:train_vdm",
-        evaluate="dlearn.vdm:protocol_metrics",
-        description="chapter 04's continuous-time VDM: 17-level denoiser, learned schedule; test bound, 3 seeds",
-        config={"learned": True, "gamma_min": -10.0, "gamma_max": 6.0, "channels": (32, 64)},
-        recipe_kwargs={"max_steps": 5000},
-        seeds=(0, 1, 2),
-        tolerance=0.05,
-    ),
-    "vdm_fixed": Entry(
-        build="dlearn.vdm:build_vdm",
-        recipe="dlearn.vdm:train_vdm",
-        evaluate="dlearn.vdm:protocol_metrics",
-        description="chapter 04's comparison: vdm with a fixed linear log-SNR schedule (same endpoints); 3 seeds",
-        config={"learned": False, "gamma_min": -10.0, "gamma_max": 6.0, "channels": (32, 64)},
-        recipe_kwargs={"max_steps": 5000},
-        seeds=(0, 1, 2),
-        tolerance=0.05,
-    ),
+    "vdm": _vdm_entry("chapter 04's continuous-time VDM: 17-level denoiser, learned schedule; test bound, 3 seeds", True),
+    "vdm_fixed": _vdm_entry("chapter 04's comparison: vdm with a fixed linear log-SNR schedule (same endpoints); 3 seeds", False),
     **{
         name: Entry(
             build="dlearn.diffusion:build_ddpm",
@@ -151,23 +150,8 @@ REGISTRY: dict[str, Entry] = {
             ("ddpm_levels_vlb", "levels", "vlb", "chapter 04's 17-level denoiser trained on the bound L_vlb"),
         )
     },
-    "vdm_eps": Entry(
-        build="dlearn.vdm:build_vdm",
-        recipe="dlearn.vdm:train_vdm",
-        evaluate="dlearn.vdm:protocol_metrics",
-        description="chapter 04's comparison: vdm with plain eps-prediction instead of the 17-level denoiser",
-        config={"learned": True, "gamma_min": -10.0, "gamma_max": 6.0, "channels": (32, 64), "parameterisation": "eps"},
-        recipe_kwargs={"max_steps": 5000},
-        tolerance=0.05,
-    ),
-    "text2image": Entry(
-        build="dlearn.text2image:TextToImage",
-        recipe="dlearn.text2image:train_text2image",
-        evaluate="dlearn.text2image:protocol_metrics",
-        description="chapter 07's tiny text-to-image model: text encoder + UNet2DConditionModel, prompt dropout 0.1",
-        recipe_kwargs={"max_steps": 5000},
-        tolerance=0.05,
-        quick_evaluate="dlearn.text2image:quick_metrics",
+    "vdm_eps": _vdm_entry(
+        "chapter 04's comparison: vdm with plain eps-prediction instead of the 17-level denoiser", True, "eps", seeds=(0,)
     ),
     "hvae_no_warmup": _latent_model(
         "hvae",
