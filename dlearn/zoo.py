@@ -153,6 +153,15 @@ REGISTRY: dict[str, Entry] = {
     "vdm_eps": _vdm_entry(
         "chapter 04's comparison: vdm with plain eps-prediction instead of the 17-level denoiser", True, "eps", seeds=(0,)
     ),
+    "text2image": Entry(
+        build="dlearn.text2image:TextToImage",
+        recipe="dlearn.text2image:train_text2image",
+        evaluate="dlearn.text2image:protocol_metrics",
+        description="chapter 07's tiny text-to-image model: text encoder + UNet2DConditionModel, prompt dropout 0.1",
+        recipe_kwargs={"max_steps": 5000},
+        tolerance=0.05,
+        quick_evaluate="dlearn.text2image:quick_metrics",
+    ),
     "hvae_no_warmup": _latent_model(
         "hvae",
         "chapter 03's ablation: hvae without KL warm-up",
