@@ -1,9 +1,12 @@
 """Benchmarks that print figures (speed goals live here, not in timed tests).
 
     python -m dlearn.bench ddim [--steps 50] [--batch 256] [--repeats 5]
+    python -m dlearn.bench controlnet [--batch 64] [--repeats 20]
 
 `ddim`: seconds per sampling step of the book's DDIM loop (`ddim.sample`) against a loop over
 diffusers' `DDIMScheduler.step` with the same network, inputs and settings; prints both and their ratio.
+`controlnet`: seconds per training step (forward + backward) of a ControlNet on the locked base against
+fine-tuning every weight of the base (chapter 08, C12), and the memory count of `controlnet.training_memory`.
 """
 
 from __future__ import annotations
@@ -54,6 +57,28 @@ def bench_ddim(num_steps: int = 50, batch: int = 256, repeats: int = 5, seed: in
     return out
 
 
+def bench_controlnet(batch: int = 64, repeats: int = 20) -> dict[str, float]:
+    """Median seconds per training step (forward + backward, interleaved) and counted bytes, and their ratios."""
+    from dlearn import controlnet, zoo
+
+    base = zoo.load("text2image")
+    steps = {k: controlnet.training_step(k, base, batch)[1] for k in controlnet.COST_KINDS}
+    for fn in steps.values():
+        fn()  # warm-up
+    times = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    out = {f"{k}_s_per_step": statistics.median(v) for k, v in times.items()}
+    out["time_ratio_controlnet_over_finetune"] = out["controlnet_s_per_step"] / out["finetune_s_per_step"]
+    mem = {k: controlnet.training_memory(k, base, batch)["total_bytes"] for k in steps}
+    out.update({f"{k}_training_bytes": float(v) for k, v in mem.items()})
+    out["memory_ratio_controlnet_over_finetune"] = mem["controlnet"] / mem["finetune"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dlearn.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="which", required=True)
@@ -61,9 +86,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
+    p = sub.add_parser("controlnet", help="a ControlNet training step against fine-tuning the whole base")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
-    res = bench_ddim(args.steps, args.batch, args.repeats)
-    print(f"torch threads: {torch.get_num_threads()}, batch {args.batch}, {args.steps} steps, median of {args.repeats}")
+    if args.which == "controlnet":
+        res = bench_controlnet(args.batch, args.repeats)
+        print(f"torch threads: {torch.get_num_threads()}, batch {args.batch}, median of {args.repeats}")
+    else:
+        res = bench_ddim(args.steps, args.batch, args.repeats)
+        print(f"torch threads: {torch.get_num_threads()}, batch {args.batch}, {args.steps} steps, median of {args.repeats}")
     for k, v in res.items():
         print(f"{k}: {v:.3g}")
 

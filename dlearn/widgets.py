@@ -228,3 +228,80 @@ def prompt_explorer(generate: Callable[[list[str], float], torch.Tensor], prompt
     scale.observe(draw, names="value")
     draw()
     return W.VBox([W.HBox([text, scale]), status, out])
+
+
+def control_explorer(generate: Callable[[torch.Tensor, list[str], float], torch.Tensor], masks: dict[str, torch.Tensor],
+                     prompt: str = "", n: int = 6, max_scale: float = 2.0):  # fmt: skip
+    """Draw or pick a control mask, set the prompt and the conditioning scale, and generate `n` images live.
+
+    Args:
+        generate: (mask (n, 1, 8, 8) in {0, 1}, prompts, conditioning scale) -> images in [-1, 1], (n, 1, 8, 8);
+            e.g. `lambda m, p, s: controlnet.generate(base, cn, m, p, scale=s)`.
+        masks: named masks to start from (each (1, 8, 8) or (1, 1, 8, 8)), e.g. a few validation digits'.
+
+    Returns:
+        an ipywidgets `VBox`: a mask picker, an 8x8 grid of toggles to draw on, the prompt and the scale, a status
+        line (seconds, and the mean IoU of the images with the mask), the images.
+    """
+    import time
+
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    from dlearn.controlnet import condition_fidelity
+
+    if not masks:
+        raise ValueError("masks must name at least one starting mask")
+    names = list(masks)
+    pick = W.Dropdown(options=["(draw)", *names], value=names[0], description="mask")
+    cells = [W.ToggleButton(value=False, layout=W.Layout(width="22px", height="22px")) for _ in range(64)]
+    grid = W.GridBox(cells, layout=W.Layout(grid_template_columns="repeat(8, 24px)"))
+    text = W.Text(value=prompt, description="prompt", continuous_update=False)
+    scale = W.FloatSlider(value=1.0, min=0.0, max=max_scale, step=0.25, description="control", continuous_update=False)
+    out, status = W.Output(), W.Label()
+    busy = {"setting": False}
+
+    def current_mask() -> torch.Tensor:
+        return torch.tensor([float(c.value) for c in cells]).reshape(1, 1, 8, 8)
+
+    def draw(*_):
+        if busy["setting"]:
+            return
+        mask = current_mask().expand(n, -1, -1, -1)
+        with out:
+            out.clear_output(wait=True)
+            start = time.perf_counter()
+            try:
+                images = generate(mask, [text.value] * n, scale.value)
+            except ValueError as exc:
+                status.value = f"cannot generate: {exc}"
+                return
+            seconds = time.perf_counter() - start
+            fid = condition_fidelity(images, mask).mean().item()
+            status.value = f"{n} images in {seconds:.2f} s; mean IoU with the mask {fid:.2f}"
+            fig, axes = plt.subplots(1, n + 1, figsize=(1.2 * (n + 1), 1.6))
+            axes[0].imshow(mask[0, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[0].set_title("control", fontsize=8)
+            for ax, img in zip(axes[1:], images, strict=True):
+                ax.imshow(img[0].cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
+            for ax in axes:
+                ax.set_axis_off()
+            fig.suptitle(f"{text.value!r}, scale {scale.value:g}: IoU {fid:.2f}", fontsize=9)
+            plt.show()
+
+    def load(*_):
+        if pick.value == "(draw)":
+            return
+        busy["setting"] = True
+        for c, v in zip(cells, masks[pick.value].reshape(64).tolist(), strict=True):
+            c.value = bool(v > 0.5)
+        busy["setting"] = False
+        draw()
+
+    pick.observe(load, names="value")
+    for c in cells:
+        c.observe(draw, names="value")
+    text.observe(draw, names="value")
+    scale.observe(draw, names="value")
+    load()
+    return W.VBox([W.HBox([pick, text, scale]), grid, status, out])

@@ -162,6 +162,23 @@ REGISTRY: dict[str, Entry] = {
         tolerance=0.05,
         quick_evaluate="dlearn.text2image:quick_metrics",
     ),
+    **{
+        name: Entry(
+            build="dlearn.controlnet:ControlNet",
+            recipe="dlearn.controlnet:train_controlnet",
+            evaluate="dlearn.controlnet:protocol_metrics",
+            description=description,
+            config={"control": control},
+            recipe_kwargs={"max_steps": steps},
+            tolerance=0.02,
+            quick_evaluate="dlearn.controlnet:quick_metrics",
+        )
+        for name, control, steps, description in (
+            ("controlnet", "mask", 1500, "chapter 08's ControlNet on the locked text2image base: control = the digit's mask"),
+            ("controlnet_top", "top", 1000, "chapter 08's second and third ControlNets (C16): the top half of the mask"),
+            ("controlnet_bottom", "bottom", 1000, "chapter 08's ControlNet for the bottom half of the mask (C16)"),
+        )
+    },
     "hvae_no_warmup": _latent_model(
         "hvae",
         "chapter 03's ablation: hvae without KL warm-up",

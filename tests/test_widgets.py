@@ -67,3 +67,32 @@ def test_prompt_explorer_generates_and_reports_bad_prompts():
     text.value = "a purple three"  # unknown word: the widget shows the error, nothing is generated
     assert calls == [("a thick three", 2.0), ("a thick three", 4.0)]
     assert "unknown word" in box.children[1].value
+
+
+def test_control_explorer_draws_picks_and_reports_iou():
+    calls = []
+    square = torch.zeros(1, 1, 8, 8)
+    square[..., 2:6, 2:6] = 1
+
+    def generate(mask, prompts, s):
+        from dlearn import text2image
+
+        text2image.tokenize(prompts)
+        calls.append((mask.clone(), prompts[0], s))
+        return mask * 2 - 1  # a perfect follower: IoU 1
+
+    box = widgets.control_explorer(generate, {"square": square, "empty": torch.zeros(1, 8, 8)}, n=2)
+    (pick, text, scale), grid, status = box.children[0].children, box.children[1], box.children[2]
+    assert torch.equal(calls[-1][0][:1], square) and calls[-1][2] == 1.0
+    assert status.value.endswith("mean IoU with the mask 1.00")
+    grid.children[0].value = True  # draw one more pixel
+    assert calls[-1][0][0, 0, 0, 0] == 1 and calls[-1][0].sum() == 2 * 17
+    n_calls = len(calls)
+    pick.value = "empty"  # picking a mask regenerates once, not once per changed cell
+    assert len(calls) == n_calls + 1 and calls[-1][0].sum() == 0
+    scale.value = 0.5
+    assert calls[-1][2] == 0.5
+    text.value = "a purple three"
+    assert "unknown word" in status.value and len(calls) == n_calls + 2
+    with pytest.raises(ValueError, match="at least one"):
+        widgets.control_explorer(generate, {})
