@@ -210,7 +210,9 @@ class ControlNet(nn.Module):
             unet = tiny_unet(cross_attention_dim, channels)
         self.shapes = skip_shapes(unet, size)
         self.conv_in = unet.conv_in
-        self.controlnet_cond_embedding = ConditionEncoder(channels[0], hint_channels, conditioning_channels, "zero")
+        with torch.random.fork_rng(devices=[]):  # every part is seeded: the recipe reruns exactly
+            torch.manual_seed(seed)
+            self.controlnet_cond_embedding = ConditionEncoder(channels[0], hint_channels, conditioning_channels)
         if init == "gaussian":
             _init_conv(self.controlnet_cond_embedding.conv_out, init, g)
         if variant == "full":

@@ -67,3 +67,12 @@ def test_unknown_name():
 def test_cli_list(capsys):
     zoo.main(["list"])
     assert "digits_classifier" in capsys.readouterr().out
+
+
+def test_every_shipped_file_has_a_registry_entry_and_back():
+    """The registry-parametrised tests only see registered names: a weights file without an entry would go unchecked."""
+    files = {p.stem for p in zoo.WEIGHTS_DIR.glob("*.safetensors")}
+    assert files == set(zoo.REGISTRY), {
+        "unregistered files": files - set(zoo.REGISTRY),
+        "entries without a file": set(zoo.REGISTRY) - files,
+    }
