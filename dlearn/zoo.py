@@ -179,6 +179,14 @@ REGISTRY: dict[str, Entry] = {
             ("controlnet_bottom", "bottom", 1000, "chapter 08's ControlNet for the bottom half of the mask (C16)"),
         )
     },
+    "dreambooth": Entry(
+        build="dlearn.text2image:TextToImage",
+        recipe="dlearn.dreambooth:train_dreambooth",
+        evaluate="dlearn.dreambooth:protocol_metrics",
+        description="chapter 09's DreamBooth: text2image fine-tuned on 5 images of one style of three, with prior preservation",
+        recipe_kwargs={"max_steps": 300},
+        tolerance=0.02,
+    ),
     "hvae_no_warmup": _latent_model(
         "hvae",
         "chapter 03's ablation: hvae without KL warm-up",

@@ -361,3 +361,16 @@ def test_check_C20_robust_to_data_size(study):
         f = study[k]["final"]
         assert f["class_accuracy_perfect"] >= 0.9 and f["iou_perfect"] > base_iou + 0.2
         assert f["fd_perfect"] < 2 * study["full_zero_seed0"]["final"]["fd_perfect"]
+
+
+def test_transition_on_a_known_sigmoid():
+    steps = list(range(0, 2001, 10))
+    values = [0.4 + 0.5 / (1 + math.exp(-(s - 1000) / 20)) for s in steps]
+    tr = C.transition(steps, values)
+    assert tr["step_50"] == 1000
+    # 10% .. 90% of a logistic with scale 20 spans 2 * 20 * ln 9 = 87.9 steps (at a 10-step grid: 80 or 90)
+    assert 80 <= tr["width_10_90"] <= 90
+    with pytest.raises(ValueError, match="does not rise"):
+        C.transition(steps, values[::-1])
+    with pytest.raises(ValueError, match="matching"):
+        C.transition(steps[:3], values[:3])

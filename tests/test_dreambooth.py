@@ -1,0 +1,220 @@
+"""Chapter 09: DreamBooth. The loss weights, prompts, metric code and training mechanics here; the trained claims on
+the shipped study (python -m dlearn.dreambooth study) and the shipped model."""
+
+import pytest
+import torch
+
+from dlearn import dreambooth as D
+from dlearn import text2image as t2i
+
+
+@pytest.fixture(scope="module")
+def subject():
+    return D.make_subject(**D.MAIN_SUBJECT)
+
+
+def test_check_B2_x_hat_weights_are_eps_weights(gen):
+    ab = torch.rand(50, generator=gen, dtype=torch.float64) * 0.98 + 0.01
+    x, eps, eps_hat = torch.randn(3, 50, 64, generator=gen, dtype=torch.float64)
+    a, s = ab.sqrt()[:, None], (1 - ab).sqrt()[:, None]
+    z = a * x + s * eps
+    x_hat = (z - s * eps_hat) / a
+    lhs = ((x_hat - x) ** 2).sum(1)
+    rhs = D.eps_from_x0_weight(ab) * ((eps_hat - eps) ** 2).sum(1)
+    torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+
+
+def test_check_B3_prompt_builder():
+    assert D.subject_prompt() == "a sks three"
+    assert D.subject_prompt("zwx", "seven", ("thick",)) == "a zwx thick seven"
+    assert D.subject_prompt("sks", None) == "a sks" and D.subject_prompt(None, "three") == "a three"
+    ids = t2i.tokenize(D.subject_prompt())
+    assert ids[0, 1:4].tolist() == [t2i.TOKEN_ID[w] for w in ("a", "sks", "three")]
+    with pytest.raises(ValueError, match="unknown word"):
+        D.subject_prompt("dog")
+    with pytest.raises(ValueError, match="identifier or a class noun"):
+        D.subject_prompt(None, None)
+
+
+def test_check_B11_metric_code(subject):
+    from dlearn import datasets
+
+    x, y = datasets.digits("test", form="unit")
+    threes, sevens = x[y == 3][:20], x[y == 7][:20]
+    assert D.feature_similarity(threes[:1], threes[:1]) == pytest.approx(1.0, abs=1e-12)
+    assert D.feature_similarity(threes[:1], threes[:1], centre=D.class_centre(3)) == pytest.approx(1.0, abs=1e-12)
+    same = D.feature_similarity(threes, threes, exclude_diagonal=True)
+    assert D.feature_similarity(threes, sevens) < same
+    assert D.diversity(threes[:1].expand(5, -1, -1, -1)) == pytest.approx(0.0, abs=1e-12)
+    assert D.prompt_fidelity(threes, 3) > 0.9 and D.prompt_fidelity(threes, 7) < 0.1
+    # raw features (CLIP-I analogue) call every three alike; centred ones (DINO analogue) tell the subject apart
+    x_train, y_train = datasets.digits("train", form="unit")
+    others = x_train[y_train == 3][:40]  # threes of every style; the subject comes from the unseen splits
+    raw_gap = D.feature_similarity(subject.images, subject.held_out) - D.feature_similarity(others, subject.held_out)
+    dino_gap = D.subject_fidelity(subject.images, subject) - D.subject_fidelity(others, subject)
+    assert dino_gap > 5 * raw_gap > 0
+    with pytest.raises(ValueError, match="expected images"):
+        D.feature_similarity(threes[:, 0], threes)
+    with pytest.raises(ValueError, match="at least two"):
+        D.diversity(threes[:1])
+
+
+def test_subject_is_unseen_by_the_base_and_consistent(subject):
+    from dlearn import datasets
+
+    train, _ = datasets.digits("train", form="unit")
+    dist = torch.cdist(subject.images.reshape(5, -1), train.reshape(len(train), -1)).min(1).values
+    assert (dist > 0).all()  # none of the subject images is a training digit
+    assert subject.images.shape == (5, 1, 8, 8) and len(subject.held_out) >= 8
+    one = D.make_subject(3, n_images=1)
+    assert torch.equal(one.images, subject.images[:1]) and torch.equal(one.held_out, subject.held_out)
+    common = D.make_subject(3, cluster="common")
+    assert common.train_share > subject.train_share
+    with pytest.raises(ValueError, match="n_images"):
+        D.make_subject(3, n_images=6)
+    with pytest.raises(ValueError, match="cluster"):
+        D.make_subject(3, cluster="biggest")
+    with pytest.raises(ValueError, match="label"):
+        D.make_subject(12)
+
+
+def test_embedding_mode_moves_only_the_identifier_row(subject):
+    torch.manual_seed(0)
+    base = t2i.TextToImage().eval()
+    model, history = D.finetune(base, subject, mode="embedding", steps=3, lr=0.1, n_prior=4, n_eval=4, eval_every=3,
+                                prior_weight=0.0, progress=False)  # fmt: skip
+    changed = {
+        n for (n, a), (_, b) in zip(model.named_parameters(), base.named_parameters(), strict=True) if not torch.equal(a, b)
+    }
+    assert changed == {"text.token.weight"}
+    rows = (model.text.token.weight - base.text.token.weight).abs().sum(1)
+    assert torch.nonzero(rows).flatten().tolist() == [t2i.TOKEN_ID["sks"]]
+    assert [r["step"] for r in history] == [0, 3]
+
+
+def test_check_B6_dreambooth_mode_moves_every_part_and_keeps_the_base(subject):
+    torch.manual_seed(0)
+    base = t2i.TextToImage().eval()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model, history = D.finetune(base, subject, steps=2, n_prior=4, n_eval=4, eval_every=2, progress=False)
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())  # a copy is fine-tuned
+    assert not torch.equal(model.text.token.weight, base.text.token.weight)
+    assert not torch.equal(model.unet.conv_out.weight, base.unet.conv_out.weight)
+    assert {"subject_fidelity", "clip_i", "div", "pres", "class_div", "class_accuracy", "prompt_fidelity"} <= set(history[0])
+    with pytest.raises(ValueError, match="prior_weight"):
+        D.finetune(base, subject, prior_weight=-1.0)
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        D.finetune(base, subject, identifier="dog")
+    with pytest.raises(ValueError, match="mode"):
+        D.trainable_parameters(base, "lora")
+
+
+def test_nearest_distance():
+    ref = torch.zeros(2, 1, 8, 8)
+    ref[1] = 1.0
+    samples = torch.full((3, 1, 8, 8), 0.25)
+    torch.testing.assert_close(D.nearest_distance(samples, ref), torch.full((3,), 2.0, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped study: the claims chapter 09 makes from it
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def study():
+    return D.load_study()
+
+
+def _mean(study, group, metric):
+    return sum(study[f"{group}_seed{s}"]["final"][metric] for s in range(3)) / 3
+
+
+def test_study_has_every_job(study):
+    assert set(study) == set(D.STUDY_JOBS)
+
+
+def test_check_B1_base_cannot_draw_the_subject(study, subject):
+    start = study["ppl_seed0"]["history"][0]  # step 0: the base itself
+    mutual = D.feature_similarity(subject.held_out, subject.held_out, centre=D.class_centre(3), exclude_diagonal=True)
+    assert start["subject_fidelity"] < mutual - 0.5
+
+
+def test_check_B4_a_used_word_as_identifier_damages_its_class(study):
+    seven = study["identifier_seven"]["final"]
+    assert (
+        seven["identifier_class_accuracy"] < 0.6 and study["ppl_seed0"]["final"]["subject_fidelity"] > seven["subject_fidelity"]
+    )
+
+
+def test_check_B5_wrong_class_noun_damages_that_class(study):
+    assert study["noun_wrong"]["final"]["other_classes_fd"] > 2 * _mean(study, "noppl", "other_classes_fd")
+
+
+def test_check_B7_B9_language_drift_without_prior_preservation(study):
+    base_pres = study["ppl_seed0"]["history"][0]["pres"]
+    assert _mean(study, "noppl", "pres") > base_pres + 0.3
+    assert _mean(study, "ppl", "pres") < _mean(study, "noppl", "pres") - 0.3
+    for s in range(3):  # PRES rises over training without PPL
+        h = study[f"noppl_seed{s}"]["history"]
+        assert h[-1]["pres"] > h[0]["pres"] + 0.3
+
+
+def test_check_B8_diversity_as_measured(study):
+    """The toy's direction is the opposite of the paper's: prior preservation *lowers* DIV of the subject prompt."""
+    assert _mean(study, "ppl", "div") < _mean(study, "noppl", "div")
+
+
+def test_check_B10_other_classes_change_little_with_prior_preservation(study):
+    base_fd = study["embedding_seed0"]["final"]["other_classes_fd"]  # the embedding-only runs leave the other classes as the base
+    assert abs(_mean(study, "ppl", "other_classes_fd") - base_fd) / base_fd < 0.10
+
+
+def test_check_B12_dreambooth_beats_the_embedding_alone(study):
+    emb = _mean(study, "embedding", "subject_fidelity")
+    assert min(_mean(study, "ppl", "subject_fidelity"), _mean(study, "noppl", "subject_fidelity")) > emb + 0.2
+
+
+def test_check_B15_copying_grows_with_steps(study):
+    base_gap = study["ppl_seed0"]["history"][0]["nn_gap"]
+    assert _mean(study, "ppl", "nn_gap") < base_gap and _mean(study, "noppl", "nn_gap") < _mean(study, "ppl", "nn_gap")
+    curve = [sum(study[f"ppl_seed{s}"]["history"][i]["nn_gap"] for s in range(3)) / 3 for i in range(7)]
+    assert curve[1] > curve[-1]
+
+
+def test_check_B16_rare_subject_gains_more(study):
+    rare, common = study["ppl_seed0"]["history"], study["common_subject"]["history"]
+    assert (
+        common[-1]["subject_fidelity"] - common[0]["subject_fidelity"]
+        < rare[-1]["subject_fidelity"] - rare[0]["subject_fidelity"]
+    )
+
+
+def test_check_B17_number_of_images(study):
+    fid = [study[f"n_images{k}"]["final"]["subject_fidelity"] for k in range(1, 5)] + [
+        study["ppl_seed0"]["final"]["subject_fidelity"]
+    ]
+    assert fid[0] < fid[4] - 0.1 and abs(fid[4] - fid[3]) < 0.05
+    assert study["n_images1"]["final"]["div"] < 0.05  # one image: the samples collapse onto it
+
+
+def test_check_B6_B13_B14_on_the_shipped_model(subject):
+    """B6: DreamBooth moved the text encoder too; B13: contexts against the subject's look are followed less;
+    B14: the subject's features move more across context prompts than across seeds."""
+    from dlearn import zoo
+    from dlearn.distributions import unit_to_levels
+
+    base, db = zoo.load("text2image"), zoo.load("dreambooth")
+    assert not torch.equal(db.text.token.weight, base.text.token.weight)  # B6: every layer, text encoder included
+    own = t2i.attribute_bits(unit_to_levels(subject.images), torch.full((5,), 3)).double().mean(0)
+    centre = D.class_centre(3)
+    with_, against, means = [], [], []
+    for j, words in enumerate(t2i.ATTRIBUTE_WORDS.values()):
+        for b, word in enumerate(words):
+            imgs = t2i.generate(db, [D.subject_prompt("sks", "three", (word,))] * 32, 2.0, steps=20, seed=5)
+            acc = (t2i.attribute_bits(unit_to_levels(imgs), torch.full((32,), 3))[:, j] == b).double().mean().item()
+            (against if abs(b - own[j].item()) > 0.5 else with_).append(acc)
+            means.append((D._features(imgs) - centre).mean(0))
+    assert sum(against) / len(against) < sum(with_) / len(with_)  # B13
+    seeds = [(D._features(t2i.generate(db, [D.subject_prompt()] * 32, 2.0, steps=20, seed=s)) - centre).mean(0) for s in range(6)]
+    assert torch.stack(means).var(0).sum() > 3 * torch.stack(seeds).var(0).sum()  # B14
