@@ -330,19 +330,27 @@ class GaussianMixture:
             raise ValueError(f"points must have shape (B, {self.dim}), got {tuple(x.shape)}")
         return x
 
-    def _component_log_probs(self, x: torch.Tensor, alpha_bar) -> torch.Tensor:
-        """log w_k + log N(x; diffused component k), shape (B, K)."""
+    def _component_log_probs(self, x: torch.Tensor, alpha_bar, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """log w_k + log N(x; diffused component k), shape (B, K); `logits` (K,) or (B, K) replace the weights by
+        softmax(logits) (chapter 10's null-text world: the "null embedding" is the unconditional weights' logits)."""
         means, covs = self._diffused_params(alpha_bar)
         comp = torch.distributions.MultivariateNormal(means, covs)
-        return comp.log_prob(x[:, None, :]) + self.weights.log()
+        if logits is None:
+            log_w = self.weights.log()
+        else:
+            if logits.shape[-1] != self.num_components or logits.ndim not in (1, 2):
+                k = self.num_components
+                raise ValueError(f"logits must have shape (K,) or (B, K) with K = {k}, got {tuple(logits.shape)}")
+            log_w = torch.log_softmax(_as64(logits), dim=-1)
+        return comp.log_prob(x[:, None, :]) + log_w
 
     def log_prob(self, x: torch.Tensor, alpha_bar=1.0) -> torch.Tensor:
         """log q_t(x) of the mixture diffused to alpha_bar (alpha_bar = 1: the data), shape (B,)."""
         return torch.logsumexp(self._component_log_probs(self._check_points(x), alpha_bar), dim=1)
 
-    def class_posterior(self, x: torch.Tensor, alpha_bar=1.0) -> torch.Tensor:
-        """Responsibilities p(k | x_t), shape (B, K)."""
-        return torch.softmax(self._component_log_probs(self._check_points(x), alpha_bar), dim=1)
+    def class_posterior(self, x: torch.Tensor, alpha_bar=1.0, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Responsibilities p(k | x_t), shape (B, K) (under weights softmax(`logits`) if given)."""
+        return torch.softmax(self._component_log_probs(self._check_points(x), alpha_bar, logits), dim=1)
 
     def score(self, x: torch.Tensor, alpha_bar=1.0) -> torch.Tensor:
         """Exact score grad_x log q_t(x) = sum_k r_k(x) C_k^{-1} (m_k - x), shape (B, d)."""
@@ -352,22 +360,23 @@ class GaussianMixture:
         comp_scores = torch.linalg.solve(covs, (means - x[:, None, :])[..., None])[..., 0]  # (B, K, d)
         return (resp[..., None] * comp_scores).sum(1)
 
-    def posterior_mean(self, x: torch.Tensor, alpha_bar) -> torch.Tensor:
+    def posterior_mean(self, x: torch.Tensor, alpha_bar, logits: torch.Tensor | None = None) -> torch.Tensor:
         """Exact denoiser E[x0 | x_t = x] by Gaussian conditioning in each component, shape (B, d)."""
         x = self._check_points(x)
         ab = _check_alpha_bar(alpha_bar).reshape(-1, 1, 1)
         means, covs = self._diffused_params(alpha_bar)
-        resp = self.class_posterior(x, alpha_bar)
+        resp = self.class_posterior(x, alpha_bar, logits)
         gain = torch.linalg.solve(covs, (x[:, None, :] - means)[..., None])[..., 0]  # C_k^{-1}(x - m_k)
         comp_mean = self.means + ab.sqrt() * (self.covs @ gain[..., None])[..., 0]  # (B, K, d)
         return (resp[..., None] * comp_mean).sum(1)
 
-    def eps_star(self, x: torch.Tensor, alpha_bar) -> torch.Tensor:
-        """The optimal noise prediction E[eps | x_t] = (x_t - sqrt(alpha_bar) E[x0 | x_t]) / sqrt(1 - alpha_bar)."""
+    def eps_star(self, x: torch.Tensor, alpha_bar, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The optimal noise prediction E[eps | x_t] = (x_t - sqrt(alpha_bar) E[x0 | x_t]) / sqrt(1 - alpha_bar)
+        (of the mixture with weights softmax(`logits`), if given)."""
         ab = _check_alpha_bar(alpha_bar).reshape(-1, 1)
         if torch.any(ab >= 1):
             raise ValueError("eps_star needs alpha_bar < 1 (there is no noise at alpha_bar = 1)")
-        return (self._check_points(x) - ab.sqrt() * self.posterior_mean(x, alpha_bar)) / (1 - ab).sqrt()
+        return (self._check_points(x) - ab.sqrt() * self.posterior_mean(x, alpha_bar, logits)) / (1 - ab).sqrt()
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """n samples of the data (alpha_bar = 1) and their component labels, shapes (n, d) and (n,)."""

@@ -305,3 +305,64 @@ def control_explorer(generate: Callable[[torch.Tensor, list[str], float], torch.
     scale.observe(draw, names="value")
     load()
     return W.VBox([W.HBox([pick, text, scale]), grid, status, out])
+
+
+def inversion_explorer(invert: Callable[[int], object], edit: Callable[[object, str], dict[str, torch.Tensor]],
+                       names: list[str], captions: list[str]):  # fmt: skip
+    """Pick a digit, invert it (once; cached), type an edited prompt, compare.
+
+    Args:
+        invert: index -> an inversion (whatever `edit` takes), e.g. a null-text inversion of test digit `index`.
+        edit: (inversion, prompt) -> named images in [-1, 1], each (1, 8, 8) or (1, 1, 8, 8), shown in a row.
+        names, captions: one per choice: its label in the picker and the prompt to start from.
+
+    Returns:
+        an ipywidgets `VBox`: picker and prompt, a status line (seconds for the inversion and the edit), the images.
+    """
+    import time
+
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    if not names or len(names) != len(captions):
+        raise ValueError(f"need one caption per name and at least one: got {len(names)} names, {len(captions)} captions")
+    pick = W.Dropdown(options=[(n, i) for i, n in enumerate(names)], value=0, description="digit")
+    text = W.Text(value=captions[0], description="prompt", continuous_update=False)
+    out, status = W.Output(), W.Label()
+    cache: dict[int, tuple[object, float]] = {}
+    busy = {"setting": False}
+
+    def draw(*_):
+        if busy["setting"]:
+            return
+        i = pick.value
+        if i not in cache:
+            start = time.perf_counter()
+            cache[i] = (invert(i), time.perf_counter() - start)
+        inv, inv_seconds = cache[i]
+        with out:
+            out.clear_output(wait=True)
+            start = time.perf_counter()
+            try:
+                images = edit(inv, text.value)
+            except ValueError as exc:
+                status.value = f"cannot edit: {exc}"
+                return
+            status.value = f"inversion {inv_seconds:.1f} s (once per digit), edit {time.perf_counter() - start:.2f} s"
+            fig, axes = plt.subplots(1, len(images), figsize=(1.6 * len(images), 1.9))
+            for ax, (name, img) in zip(axes, images.items(), strict=True):
+                ax.imshow(img.reshape(8, 8).cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
+                ax.set_title(name, fontsize=7)
+                ax.set_axis_off()
+            plt.show()
+
+    def new_digit(*_):
+        busy["setting"] = True
+        text.value = captions[pick.value]
+        busy["setting"] = False
+        draw()
+
+    pick.observe(new_digit, names="value")
+    text.observe(draw, names="value")
+    draw()
+    return W.VBox([W.HBox([pick, text]), status, out])

@@ -96,3 +96,30 @@ def test_control_explorer_draws_picks_and_reports_iou():
     assert "unknown word" in status.value and len(calls) == n_calls + 2
     with pytest.raises(ValueError, match="at least one"):
         widgets.control_explorer(generate, {})
+
+
+def test_inversion_explorer_caches_inversions_and_reports_bad_prompts():
+    inverted, edited = [], []
+
+    def invert(i):
+        inverted.append(i)
+        return torch.full((1, 1, 8, 8), float(i) / 10)
+
+    def edit(inv, prompt):
+        from dlearn import text2image
+
+        text2image.tokenize(prompt)
+        edited.append(prompt)
+        return {"original": inv, "edited": -inv}
+
+    box = widgets.inversion_explorer(invert, edit, ["first", "second"], ["a three", "a seven"])
+    (pick, text), status = box.children[0].children, box.children[1]
+    assert inverted == [0] and edited == ["a three"] and status.value.startswith("inversion")
+    text.value = "a eight"
+    pick.value = 1  # a new digit: inverted once, and its caption becomes the prompt (one edit, not two)
+    pick.value = 0  # cached: not inverted again
+    assert inverted == [0, 1] and edited == ["a three", "a eight", "a seven", "a three"]
+    text.value = "a purple three"
+    assert "unknown word" in status.value
+    with pytest.raises(ValueError, match="one caption per name"):
+        widgets.inversion_explorer(invert, edit, ["a"], [])
