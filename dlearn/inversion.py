@@ -142,6 +142,20 @@ def check_timesteps(expected: list[int], got) -> None:
         )
 
 
+def sampler_timesteps(world, steps: int) -> list[int]:
+    """The descending timesteps of a DDIM sampler with `steps` steps: the world's own (`world.timesteps(steps)`, e.g.
+    a pipeline scheduler's, with its offset), else diffusers' default "leading" spacing."""
+    if hasattr(world, "timesteps"):
+        return [int(t) for t in world.timesteps(steps)]
+    return inference_timesteps(world.num_train, steps).tolist()
+
+
+def _final_alpha_bar(world, like: torch.Tensor) -> torch.Tensor:
+    """alpha-bar below the first timestep: 1 by default; Stable Diffusion's schedulers (set_alpha_to_one=False)
+    use alpha_bar[0] (`world.final_alpha_bar`)."""
+    return torch.as_tensor(getattr(world, "final_alpha_bar", 1.0), dtype=world.alpha_bar.dtype, device=like.device)
+
+
 @torch.no_grad()
 def ddim_invert(world, x0: torch.Tensor, steps: int = 50, guidance_scale: float = 1.0, cond=None, null=None) -> Inversion:
     """DDIM inversion: from the image up to z_T, one step per timestep, reusing eps(z at the lower level, t) for the
@@ -149,12 +163,12 @@ def ddim_invert(world, x0: torch.Tensor, steps: int = 50, guidance_scale: float 
     n = x0.shape[0]
     cond = world.cond_init(n) if cond is None else cond
     null = world.null_init(n) if null is None else null
-    ts = inference_timesteps(world.num_train, steps).tolist()
+    ts = sampler_timesteps(world, steps)
     r = world.num_train // steps
     z, pivots = x0, [x0]
     for t in reversed(ts):
         src = t - r
-        a_s = world.alpha_bar[src] if src >= 0 else torch.ones((), dtype=world.alpha_bar.dtype, device=x0.device)
+        a_s = world.alpha_bar[src] if src >= 0 else _final_alpha_bar(world, z)
         a_t = world.alpha_bar[t]
         eps = guided_eps(world, z, t, cond, null, guidance_scale)
         x0_hat = (z - (1 - a_s).sqrt() * eps) / a_s.sqrt()
@@ -166,7 +180,7 @@ def ddim_invert(world, x0: torch.Tensor, steps: int = 50, guidance_scale: float 
 def denoise_step(world, z: torch.Tensor, t: int, prev: int, eps: torch.Tensor) -> torch.Tensor:
     """One deterministic DDIM step from level t to level prev (prev < 0: the image)."""
     a_t = world.alpha_bar[t]
-    a_p = world.alpha_bar[prev] if prev >= 0 else torch.ones((), dtype=a_t.dtype, device=z.device)
+    a_p = world.alpha_bar[prev] if prev >= 0 else _final_alpha_bar(world, z)
     x0_hat = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     return a_p.sqrt() * x0_hat + (1 - a_p).sqrt() * eps
 

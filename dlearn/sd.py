@@ -1,0 +1,332 @@
+"""Chapter 11: the book's ControlNet, DreamBooth and null-text code on a diffusers Stable Diffusion pipeline.
+
+Thin adapters, not a second implementation:
+
+- `load_pipeline` loads a reader's own weights from a local folder (argument, or the `DLEARN_SD_PATH` environment
+  variable), never from the network, with a clear error naming what is missing;
+- `tiny_pipeline` builds a randomly initialised pipeline with Stable Diffusion's anatomy in code (a tokenizer with an
+  in-code vocabulary, a tiny CLIP text model, VAE and UNet, a DDIM scheduler): what CI runs the chapter on;
+- `PipelineWorld` gives chapter 10's `inversion` functions the pipeline's UNet, text encoder and scheduler, so
+  `inversion.ddim_invert` and `inversion.null_text_optimisation` run unchanged on latents; `pipeline_reconstruct`
+  feeds the per-step null embeddings through the pipeline's own loop;
+- `controlnet_for` and `controlnet_loss` are chapter 08's ControlNet and loss on the pipeline's UNet;
+- `dreambooth_loss` is chapter 09's prior-preservation loss on the pipeline's UNet and text encoder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+ENV_VAR = "DLEARN_SD_PATH"
+REQUIRED = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+TINY_WORDS = ("a", "photo", "of", "sks", "dog", "digit", "zero", "one", "two", "three", "seven", "eight", "thick", "thin")
+
+
+def quiet() -> None:
+    """Silence the libraries' import-time messages and progress bars (not warnings of real problems): transformers'
+    and diffusers' loggers to errors only, their progress bars off. Call before building or loading pipelines."""
+    import diffusers
+    import transformers
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+# --------------------------------------------------------------------------------------------
+# Building (tiny, in code) and loading (a reader's folder, offline)
+# --------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table, which CLIP's byte-level BPE uses."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def tiny_tokenizer(words=TINY_WORDS, model_max_length: int = 77):
+    """A CLIP tokenizer built offline from an in-code vocabulary: byte-level BPE whose merges make each of `words`
+    one token (../shared/DIFFUSERS-NOTES.md section 4); unknown words fall back to bytes."""
+    from transformers import CLIPTokenizer
+
+    alphabet = list(_bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    for ch in alphabet:
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = []
+    for w in words:
+        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(pieces) > 1:
+            a, b = pieces[0], pieces[1]
+            merges.append((a, b))
+            vocab.setdefault(a + b, len(vocab))
+            pieces = [a + b, *pieces[2:]]
+    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=model_max_length)
+
+
+def tiny_pipeline(seed: int = 0):
+    """A randomly initialised `StableDiffusionPipeline` with SD's anatomy at toy size (VAE factor 2, 64x64 images,
+    32x32x4 latents), a DDIM scheduler configured like SD's (scaled-linear betas, steps_offset 1, final alpha-bar =
+    alpha_bar[0]). Random weights: it denoises nothing, but every code path of the chapter runs on it."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+            max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=32))  # fmt: skip
+        vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            sample_size=64)  # fmt: skip
+        unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+                                    out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)  # fmt: skip
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def resolve_path(path: str | os.PathLike | None = None) -> Path:
+    """The pipeline folder: `path`, else the `DLEARN_SD_PATH` environment variable; a clear error otherwise."""
+    if path is None:
+        path = os.environ.get(ENV_VAR)
+        if not path:
+            raise FileNotFoundError(
+                f"no Stable Diffusion folder given: pass a path or set {ENV_VAR} to a local diffusers folder "
+                f"(with {', '.join(REQUIRED)}); dlearn never downloads weights"
+            )
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p} is not a directory: expected a diffusers pipeline folder saved with save_pretrained")
+    missing = [name for name in REQUIRED if not (p / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{p} is not a complete diffusers Stable Diffusion folder: missing {missing}")
+    return p
+
+
+def load_pipeline(path: str | os.PathLike | None = None, controlnet=None, device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None):  # fmt: skip
+    """A `StableDiffusionPipeline` (or `StableDiffusionControlNetPipeline` when `controlnet` is a `ControlNetModel`
+    or a local ControlNet folder) from a local folder only (`local_files_only=True`: never a download), with a DDIM
+    scheduler made from the folder's scheduler config, the progress bar off, on `device` (default: cuda if present)."""
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    p = resolve_path(path)
+    kwargs = {"local_files_only": True, **({"dtype": dtype} if dtype is not None else {})}
+    if controlnet is not None:
+        if isinstance(controlnet, (str, os.PathLike)):
+            cn_path = Path(controlnet).expanduser()
+            if not (cn_path / "config.json").exists():
+                raise FileNotFoundError(f"{cn_path} is not a ControlNet folder saved with save_pretrained (no config.json)")
+            controlnet = ControlNetModel.from_pretrained(cn_path, **kwargs)
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(p, controlnet=controlnet, safety_checker=None,
+                                                                 requires_safety_checker=False, **kwargs)  # fmt: skip
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(p, safety_checker=None, requires_safety_checker=False, **kwargs)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return pipe.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Images <-> latents, prompts -> embeddings
+# --------------------------------------------------------------------------------------------
+
+
+def check_images(pipe, images: torch.Tensor) -> None:
+    """Images must be (B, 3, H, W) in [-1, 1] with H, W multiples of the VAE factor."""
+    f = pipe.vae_scale_factor
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] % f or images.shape[-2] % f:
+        raise ValueError(f"expected images (B, 3, H, W) in [-1, 1] with H, W multiples of {f}, got {tuple(images.shape)}")
+
+
+@torch.no_grad()
+def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Latents z0 = mean of the VAE posterior x scaling factor (as the null-text reference code does)."""
+    check_images(pipe, images)
+    vae = pipe.vae
+    return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] from latents."""
+    return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder outputs (B, 77, dim), exactly as the pipeline computes `prompt_embeds`."""
+    cond, _ = pipe.encode_prompt(prompts, pipe.device, 1, False)
+    return cond
+
+
+# --------------------------------------------------------------------------------------------
+# Null-text inversion on the pipeline (chapter 10's code through a World)
+# --------------------------------------------------------------------------------------------
+
+
+class PipelineWorld:
+    """Chapter 10's `World` for a pipeline: eps from the pipeline's UNet, alpha-bar and timesteps from its (DDIM)
+    scheduler, embeddings from its text encoder. `inversion.ddim_invert`, `reconstruct` and
+    `null_text_optimisation` then run on latents unchanged."""
+
+    def __init__(self, pipe, prompts: list[str]):
+        from diffusers import DDIMScheduler
+
+        if not isinstance(pipe.scheduler, DDIMScheduler):
+            raise TypeError(f"null-text inversion needs a DDIMScheduler; the pipeline has {type(pipe.scheduler).__name__}: "
+                            "set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")  # fmt: skip
+        self.pipe, self.prompts = pipe, list(prompts)
+        self.alpha_bar = pipe.scheduler.alphas_cumprod.to(pipe.device, torch.float32)
+        self.final_alpha_bar = float(pipe.scheduler.final_alpha_cumprod)
+        self.num_train = pipe.scheduler.config.num_train_timesteps
+        self._cond = encode_prompts(pipe, self.prompts)
+        self._null = encode_prompts(pipe, [""])
+
+    def timesteps(self, steps: int) -> list[int]:
+        """The pipeline scheduler's own timesteps for `steps` steps (with its offset)."""
+        self.pipe.scheduler.set_timesteps(steps)
+        return [int(t) for t in self.pipe.scheduler.timesteps]
+
+    def null_init(self, n: int) -> torch.Tensor:
+        return self._null.expand(n, -1, -1).clone()
+
+    def cond_init(self, n: int) -> torch.Tensor:
+        return self._cond[:n].clone()
+
+    def eps(self, x: torch.Tensor, t: int, embedding: torch.Tensor) -> torch.Tensor:
+        return self.pipe.unet(x, t, encoder_hidden_states=embedding).sample
+
+
+@torch.no_grad()
+def pipeline_reconstruct(pipe, world: PipelineWorld, inv, guidance_scale: float) -> torch.Tensor:
+    """Sample back through the pipeline's own `__call__`, feeding the per-step null embeddings with a step-end
+    callback. Inside the loop the pipeline keeps `prompt_embeds = cat([null, cond])` (negative first); the callback
+    after step i replaces it with step i+1's null. Returns the final latents."""
+    from dlearn.inversion import check_timesteps
+
+    check_timesteps(inv.timesteps, world.timesteps(inv.steps))
+    nulls = inv.nulls if inv.nulls is not None else [world.null_init(len(inv.pivots[0]))] * inv.steps
+    cond = world.cond_init(len(inv.pivots[0]))
+
+    def step_end(p, i, t, kwargs):
+        if i + 1 < len(nulls):
+            kwargs["prompt_embeds"] = torch.cat([nulls[i + 1], cond])
+        return kwargs
+
+    out = pipe(prompt_embeds=cond, negative_prompt_embeds=nulls[0], latents=inv.pivots[-1], num_inference_steps=inv.steps,
+               guidance_scale=guidance_scale, output_type="latent", callback_on_step_end=step_end,
+               callback_on_step_end_tensor_inputs=["prompt_embeds"])  # fmt: skip
+    return out.images
+
+
+# --------------------------------------------------------------------------------------------
+# ControlNet (chapter 08) and DreamBooth (chapter 09) training steps on the pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def controlnet_for(pipe, conditioning_channels: int = 3):
+    """Chapter 08's ControlNet for the pipeline's UNet: `ControlNetModel.from_unet` (the trainable copy, zero
+    convolutions), with a condition encoder that maps an image-sized condition to the latent grid (it downsamples
+    by the VAE factor: widths (16, 32, 96, 256) for SD's 8, (16, 32) for the tiny pipeline's 2)."""
+    from diffusers import ControlNetModel
+
+    levels = int(round(torch.log2(torch.tensor(float(pipe.vae_scale_factor))).item())) + 1
+    widths = (16, 32, 96, 256)[:levels]
+    return ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=widths,
+                                     conditioning_channels=conditioning_channels)  # fmt: skip
+
+
+def _noisy(pipe, latents, generator):
+    sched = pipe.scheduler
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
+    eps = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    return sched.add_noise(latents, eps, t), t, eps
+
+
+def _drop_prompts(prompts: list[str], p_uncond: float, generator: torch.Generator) -> list[str]:
+    keep = torch.rand(len(prompts), generator=generator) >= p_uncond
+    return [p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)]
+
+
+def controlnet_loss(pipe, controlnet, images: torch.Tensor, prompts: list[str], controls: torch.Tensor,
+                    generator: torch.Generator, p_uncond: float = 0.5) -> torch.Tensor:  # fmt: skip
+    """Chapter 08's objective (paper eq. 5) on the pipeline: eps-loss of the locked UNet with the ControlNet's
+    residuals, half of the prompts replaced by the empty one. Only the ControlNet should require gradients."""
+    check_images(pipe, images)
+    if controls.shape[0] != images.shape[0] or controls.shape[-2:] != images.shape[-2:]:
+        raise ValueError(f"expected one image-sized control per image {tuple(images.shape)}, got {tuple(controls.shape)}")
+    latents = encode_images(pipe, images)
+    z_t, t, eps = _noisy(pipe, latents, generator)
+    with torch.no_grad():
+        text = encode_prompts(pipe, _drop_prompts(prompts, p_uncond, generator))
+    down, mid = controlnet(z_t, t, encoder_hidden_states=text, controlnet_cond=controls.to(z_t.device, z_t.dtype),
+                           return_dict=False)  # fmt: skip
+    pred = pipe.unet(z_t, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                     mid_block_additional_residual=mid).sample  # fmt: skip
+    return ((pred - eps) ** 2).mean()
+
+
+def dreambooth_loss(pipe, instance_images: torch.Tensor, instance_prompt: str, class_images: torch.Tensor | None,
+                    class_prompt: str, generator: torch.Generator, prior_weight: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Chapter 09's loss (paper eq. 2) on the pipeline: eps-loss on the instance images with "a [V] [class]" plus
+    `prior_weight` x the eps-loss on class images (samples of the frozen pipeline for "a [class]"). Gradients reach
+    the UNet and the text encoder (whichever require them)."""
+    from transformers import BatchEncoding
+
+    def one(images, prompt):
+        latents = encode_images(pipe, images)
+        z_t, t, eps = _noisy(pipe, latents, generator)
+        tok: BatchEncoding = pipe.tokenizer([prompt] * len(images), padding="max_length",
+                                            max_length=pipe.tokenizer.model_max_length, return_tensors="pt")  # fmt: skip
+        text = pipe.text_encoder(tok.input_ids.to(pipe.device))[0]
+        return ((pipe.unet(z_t, t, encoder_hidden_states=text).sample - eps) ** 2).mean()
+
+    loss = one(instance_images, instance_prompt)
+    if class_images is not None and prior_weight > 0:
+        loss = loss + prior_weight * one(class_images, class_prompt)
+    return loss
+
+
+@torch.no_grad()
+def class_images(pipe, class_prompt: str, n: int, steps: int = 20, height: int | None = None, seed: int = 0) -> torch.Tensor:
+    """The autogenous class prior: `n` images in [-1, 1] sampled from the (frozen) pipeline for `class_prompt`."""
+    g = torch.Generator().manual_seed(seed)
+    out = pipe([class_prompt] * n, num_inference_steps=steps, height=height, width=height, generator=g, output_type="pt")
+    return out.images.to(pipe.device) * 2 - 1
+
+
+def accelerated_training_step(loss_fn, model: torch.nn.Module, optimizer, accelerator=None):
+    """One optimiser step through `accelerate` (multi-GPU when launched with `accelerate launch`; one process here):
+    `accelerator.backward` in place of `loss.backward`. Returns the loss as a float."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available()) if accelerator is None else accelerator
+    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer.zero_grad()
+    loss = loss_fn()
+    accelerator.backward(loss)
+    optimizer.step()
+    return float(loss.detach())

@@ -1,0 +1,139 @@
+"""Chapter 11: the book's algorithms on a diffusers Stable Diffusion pipeline, tested on a tiny random pipeline that is
+saved and reloaded from a local folder, as a reader's own weights would be."""
+
+import pytest
+import torch
+
+from dlearn import inversion as I
+from dlearn import sd
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    sd.quiet()
+    d = tmp_path_factory.mktemp("tiny-sd")
+    sd.tiny_pipeline().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def pipe(folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = sd.load_pipeline(folder, device="cpu")
+    with torch.no_grad():  # tame the random UNet so that reconstructions mean something (DIFFUSERS-NOTES section 5)
+        p.unet.conv_out.weight.mul_(0.1)
+        p.unet.conv_out.bias.mul_(0.1)
+    return p.to("cpu")
+
+
+@pytest.fixture
+def images():
+    return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def test_load_from_a_local_folder_only_with_clear_errors(folder, tmp_path, monkeypatch):
+    monkeypatch.delenv(sd.ENV_VAR, raising=False)
+    with pytest.raises(FileNotFoundError, match=f"set {sd.ENV_VAR}"):
+        sd.load_pipeline()
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        sd.load_pipeline(tmp_path / "nowhere")
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"missing \['unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler'\]"):
+        sd.load_pipeline(tmp_path)
+    monkeypatch.setenv(sd.ENV_VAR, str(folder))
+    assert sd.resolve_path() == folder
+    with pytest.raises(FileNotFoundError, match="ControlNet folder"):
+        sd.load_pipeline(folder, controlnet=tmp_path, device="cpu")
+
+
+def test_reloaded_pipeline_is_the_saved_one(folder):
+    original = sd.tiny_pipeline()
+    reloaded = sd.load_pipeline(folder, device="cpu")
+    kw = {"num_inference_steps": 2, "output_type": "latent", "height": 32, "width": 32}
+    a = original("a photo of sks dog", generator=torch.Generator().manual_seed(0), **kw).images
+    b = reloaded("a photo of sks dog", generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(a, b)
+    ids = reloaded.tokenizer("a photo of sks dog").input_ids
+    assert len(ids) == 7  # <bos>, five one-token words, <eos>: the in-code vocabulary survived the round trip
+
+
+def test_null_text_inversion_through_the_pipeline_loop(pipe, images):
+    world = sd.PipelineWorld(pipe, ["a photo of sks dog", "a digit three"])
+    z0 = sd.encode_images(pipe, images)
+    inv = I.ddim_invert(world, z0, 4)
+    assert inv.timesteps == [751, 501, 251, 1]  # the pipeline scheduler's own, with steps_offset = 1
+    before = I.weights_fingerprint(pipe.unet, pipe.text_encoder, world.cond_init(2))
+    nt = I.null_text_optimisation(world, inv, 7.5)
+    assert I.weights_fingerprint(pipe.unet, pipe.text_encoder, world.cond_init(2)) == before
+    plain = I.mse(I.reconstruct(world, inv, 7.5), z0).mean()
+    fixed = I.reconstruct(world, nt, 7.5)
+    assert I.mse(fixed, z0).mean() < plain
+    through_pipe = sd.pipeline_reconstruct(pipe, world, nt, 7.5)
+    assert (through_pipe - fixed).abs().max() < 1e-3  # the pipeline's own loop with per-step nulls = the manual loop
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    with pytest.raises(ValueError, match="do not match the inversion's"):
+        sd.pipeline_reconstruct(pipe, world, nt, 7.5)
+
+
+def test_pipeline_world_needs_ddim(pipe):
+    from diffusers import PNDMScheduler
+
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(TypeError, match="DDIMScheduler"):
+        sd.PipelineWorld(pipe, ["a dog"])
+
+
+def test_controlnet_on_the_pipeline_unet(pipe, images):
+    from diffusers import StableDiffusionControlNetPipeline
+
+    cn = sd.controlnet_for(pipe)
+    z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    text = sd.encode_prompts(pipe, ["a dog", "a dog"])
+    control = (images > 0).float()
+    down, mid = cn(z, 500, encoder_hidden_states=text, controlnet_cond=control, return_dict=False)
+    plain = pipe.unet(z, 500, encoder_hidden_states=text).sample
+    with_cn = pipe.unet(z, 500, encoder_hidden_states=text, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid).sample  # fmt: skip
+    assert torch.equal(plain, with_cn)  # C5 on the pipeline's UNet
+    cpipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=cn)
+    cpipe.set_progress_bar_config(disable=True)
+    kw = {"num_inference_steps": 2, "output_type": "latent"}
+    a = pipe("a dog", generator=torch.Generator().manual_seed(0), **kw).images
+    b = cpipe("a dog", image=control[:1], generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(a, b)
+    # chapter 08's training step: only the ControlNet moves
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+    unet_before = I.weights_fingerprint(pipe.unet)
+    opt = torch.optim.AdamW(cn.parameters(), lr=1e-3)
+    loss = sd.controlnet_loss(pipe, cn, images, ["a photo of sks dog"] * 2, control, torch.Generator().manual_seed(0))
+    loss.backward()
+    opt.step()
+    assert I.weights_fingerprint(pipe.unet) == unet_before and cn.controlnet_mid_block.weight.abs().sum() > 0
+    with pytest.raises(ValueError, match="image-sized control"):
+        sd.controlnet_loss(pipe, cn, images, ["a"] * 2, control[:, :, :32], torch.Generator())
+
+
+def test_dreambooth_step_with_prior_preservation_through_accelerate(pipe, images):
+    cls = sd.class_images(pipe, "a dog", 2, steps=2)
+    assert cls.shape == images.shape and cls.min() >= -1 and cls.max() <= 1
+    pipe.vae.requires_grad_(False)
+    params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    unet0, text0 = pipe.unet.conv_out.weight.clone(), pipe.text_encoder.get_input_embeddings().weight.clone()
+    g = torch.Generator().manual_seed(0)
+    loss = sd.accelerated_training_step(lambda: sd.dreambooth_loss(pipe, images, "a sks dog", cls, "a dog", g), pipe.unet, opt)
+    assert loss > 0
+    assert not torch.equal(pipe.unet.conv_out.weight, unet0)
+    assert not torch.equal(pipe.text_encoder.get_input_embeddings().weight, text0)  # the text encoder too
+    with pytest.raises(ValueError, match="multiples of 2"):
+        sd.encode_images(pipe, images[:, :, :63, :63])
+
+
+def test_quiet_sets_the_loggers_to_errors():
+    import diffusers
+    import transformers
+
+    sd.quiet()
+    assert transformers.logging.get_verbosity() == transformers.logging.ERROR
+    assert diffusers.utils.logging.get_verbosity() == diffusers.utils.logging.ERROR
