@@ -374,3 +374,38 @@ def test_transition_on_a_known_sigmoid():
         C.transition(steps, values[::-1])
     with pytest.raises(ValueError, match="matching"):
         C.transition(steps[:3], values[:3])
+
+
+def test_check_C11_learning_curve_of_the_shipped_controlnet():
+    """The recorded curve rises well above the base (no claim of suddenness: at this scale the rise starts at once),
+    and the prompted samples stay valid digits throughout (class accuracy never below the step-0 base's)."""
+    from dlearn import zoo
+
+    h = zoo.info("controlnet")["history"]
+    tr = C.transition([r["step"] for r in h], [r["val"] for r in h])
+    assert h[0]["step"] == 0 and tr["end"] > tr["start"] + 0.2 and tr["step_10"] <= tr["step_50"] <= tr["step_90"]
+    acc = [r["class_accuracy_prompt"] for r in h]
+    assert min(acc[1:]) >= acc[0] - 0.02
+
+
+def test_check_C12_training_cost_is_of_the_same_order():
+    torch.manual_seed(0)
+    base = t2i.TextToImage().eval().requires_grad_(False)
+    cn, ft = (C.training_memory(k, base, batch_size=16) for k in C.COST_KINDS)
+    assert cn["trainable_params"] < ft["trainable_params"]
+    assert cn["grad_and_adam_bytes"] == 3 * 4 * cn["trainable_params"]
+    assert 0.5 < cn["total_bytes"] / ft["total_bytes"] < 2
+    with pytest.raises(ValueError, match="kind"):
+        C.training_step("lora", base)
+
+
+def test_check_C19_C21_prompt_settings_on_the_shipped_controlnet():
+    """Recorded (and re-measured by the zoo test) metrics: every prompt setting follows the mask far better than the
+    base with the perfect prompt; compatible prompt + control gives both class and mask; a conflicting prompt loses
+    the prompt's class (the control wins the trade-off)."""
+    from dlearn import zoo
+
+    m = zoo.info("controlnet")["metrics"]
+    assert all(m[f"iou_{s}"] > m["base_iou_perfect"] + 0.2 for s in C.PROMPT_SETTINGS)
+    assert m["class_accuracy_perfect"] > 0.9 and m["iou_perfect"] > 0.8
+    assert m["prompt_class_accuracy_conflicting"] < m["class_accuracy_perfect"] - 0.2
