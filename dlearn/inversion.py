@@ -54,9 +54,9 @@ def ddim_step_paper(z_t: torch.Tensor, eps: torch.Tensor, a_t, a_prev) -> torch.
 
 
 class MixtureWorld:
-    """TB7: points of the 2-D mixture conditioned on component `label`; null = unconditional weights' logits (B, K).
-
-    `cond` (optional, (B, K) logits) replaces the one-hot condition: the "textual inversion" ablation optimises it."""
+    """TB7: points of the 2-D mixture conditioned on component `labels`; every embedding is a (B, K) logit vector of
+    mixture weights: the condition starts one-hot (the class-conditional model), the null at the unconditional
+    weights' logits."""
 
     def __init__(self, mix, labels: torch.Tensor, alpha_bar: torch.Tensor):
         self.mix, self.labels, self.alpha_bar = mix, labels.long(), alpha_bar.double()
