@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dlearn.text2image import DIGIT_WORDS, TextToImage, tiny_unet, tokenize
+from dlearn.text2image import DIGIT_WORDS, TextToImage, noised, tiny_unet, tokenize
 
 # --------------------------------------------------------------------------------------------
 # The condition: a digit's mask, and how well a generated digit follows it
@@ -398,8 +398,6 @@ def generate(base: TextToImage, controlnets: ControlNet | list[ControlNet] | Non
     """
     from dlearn import ddim
 
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     cns = [] if controlnets is None else list(controlnets) if isinstance(controlnets, (list, tuple)) else [controlnets]
     cs = [] if controls is None else list(controls) if isinstance(controls, (list, tuple)) else [controls]
     if len(cs) != len(cns):
@@ -469,10 +467,7 @@ def controlnet_loss(base: TextToImage, cn: ControlNet | None, batch, gen: torch.
 
     x0, labels, bits, control = batch
     ids = tokenize(training_prompts(labels, bits, gen, p_uncond=p_uncond)).to(x0.device)
-    t = torch.randint(0, len(base.alpha_bar), (len(x0),), generator=gen).to(x0.device)
-    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
-    a = base.alpha_bar[t].reshape(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    x_t, t, eps = noised(x0, base.alpha_bar, gen)
     text = base.text(ids)
     residuals = None if cn is None else cn(x_t, t, text, control)
     return ((controlled_eps(base, x_t, t, ids, residuals, text) - eps) ** 2).mean()
@@ -635,17 +630,14 @@ class MaskChannelModel(nn.Module):
         return self.model(torch.cat([x_t, control], 1), t, ids)
 
 
-def _pair_loss(model, base, batch, gen, p_uncond, cn=None):
-    if cn is None:  # MaskChannelModel
-        x0, labels, bits, control = batch
-        from dlearn.text2image import training_prompts
+def _mask_channel_loss(model: MaskChannelModel, batch, gen: torch.Generator, p_uncond: float) -> torch.Tensor:
+    """`controlnet_loss` for the whole-model alternative: the same prompts, noise and time steps, mask as input."""
+    from dlearn.text2image import training_prompts
 
-        ids = tokenize(training_prompts(labels, bits, gen, p_uncond=p_uncond)).to(x0.device)
-        t = torch.randint(0, 1000, (len(x0),), generator=gen).to(x0.device)
-        eps = torch.randn(x0.shape, generator=gen).to(x0.device)
-        a = model.alpha_bar[t].reshape(-1, 1, 1, 1)
-        return ((model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, ids, control) - eps) ** 2).mean()
-    return controlnet_loss(base, cn, batch, gen, p_uncond)
+    x0, labels, bits, control = batch
+    ids = tokenize(training_prompts(labels, bits, gen, p_uncond=p_uncond)).to(x0.device)
+    x_t, t, eps = noised(x0, model.alpha_bar, gen)
+    return ((model(x_t, t, ids, control) - eps) ** 2).mean()
 
 
 @torch.no_grad()
@@ -690,7 +682,7 @@ def finetune_with_mask_channel(seed: int = 0, n_pairs: int = 200, max_steps: int
         return metrics.frechet_distance(metrics.features(clf, levels_to_unit(unit_to_levels(imgs))), test_feats)
 
     def val_fn(m):
-        loss = lambda d, g: _pair_loss(m, base, d, g, 0.5)  # noqa: E731
+        loss = lambda d, g: _mask_channel_loss(m, d, g, 0.5)  # noqa: E731
         history.append({"train_pairs_loss": fixed_loss(loss, train), "held_out_loss": fixed_loss(loss, held),
                         "prompt_only_fd": prompt_only_fd(m)})  # fmt: skip
         return history[-1]["held_out_loss"]
@@ -700,7 +692,7 @@ def finetune_with_mask_channel(seed: int = 0, n_pairs: int = 200, max_steps: int
     val_fn(model)
     start.update(history.pop())
     cfg = TrainConfig(max_steps=max_steps, batch_size=64, lr=lr, eval_every=eval_every, seed=seed, progress=progress)
-    result = fit(model, lambda m, b, g: _pair_loss(m, base, b, g, 0.5), train, cfg, val_fn=val_fn)
+    result = fit(model, lambda m, b, g: _mask_channel_loss(m, b, g, 0.5), train, cfg, val_fn=val_fn)
     records = [start] + [{"step": r["step"], **h} for r, h in zip(result.history, history, strict=True)]
     return model, records
 
@@ -734,7 +726,7 @@ def training_step(kind: str, base: TextToImage, batch_size: int = 64, seed: int 
         loss = lambda g: controlnet_loss(base, module, data, g)  # noqa: E731
     else:
         module = MaskChannelModel(base)
-        loss = lambda g: _pair_loss(module, base, data, g, 0.5)  # noqa: E731
+        loss = lambda g: _mask_channel_loss(module, data, g, 0.5)  # noqa: E731
 
     def step():
         module.zero_grad(set_to_none=True)
@@ -807,33 +799,21 @@ def run_study_job(name: str, base: TextToImage | None = None, steps: int = STUDY
 
 def load_study(path=None) -> dict:
     """The shipped study results ({job: result}); `python -m dlearn.controlnet study` recreates them."""
-    import json
     from pathlib import Path
 
-    p = Path(__file__).parent / STUDY_PATH if path is None else Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p} is missing: recreate it with `python -m dlearn.controlnet study`")
-    return json.loads(p.read_text())
+    from dlearn import results
+
+    return results.load_study(Path(__file__).parent / STUDY_PATH if path is None else path, "python -m dlearn.controlnet study")
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import json
     from pathlib import Path
 
-    parser = argparse.ArgumentParser(prog="python -m dlearn.controlnet", description="chapter 08's study")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("study", help="run study jobs and merge their results into the JSON file")
-    p.add_argument("jobs", nargs="*", help=f"job names (default: all): {', '.join(STUDY_JOBS)}")
-    p.add_argument("--out", default=None, help=f"the JSON file (default: the package's {STUDY_PATH})")
-    args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else Path(__file__).parent / STUDY_PATH
-    for job in args.jobs or list(STUDY_JOBS):
-        result = run_study_job(job)
-        done = json.loads(out.read_text()) if out.exists() else {}
-        done[job] = result
-        out.write_text(json.dumps(done, indent=1) + "\n")
-        print(f"{job}: {result['seconds']} s", flush=True)
+    from dlearn import results
+
+    results.study_cli(
+        argv, "python -m dlearn.controlnet", "chapter 08's study", STUDY_JOBS, run_study_job, Path(__file__).parent / STUDY_PATH
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dlearn.text2image import DIGIT_WORDS, SPARE_WORDS, TOKEN_ID, VOCAB, TextToImage, generate, tokenize
+from dlearn.text2image import DIGIT_WORDS, SPARE_WORDS, TOKEN_ID, VOCAB, TextToImage, generate, noised, tokenize
 
 IDENTIFIER = "sks"
 
@@ -215,10 +215,8 @@ def prior_samples(base: TextToImage, class_word: str, n: int = 100, guidance_sca
 def diffusion_loss(model: TextToImage, x0: torch.Tensor, prompts: list[str], gen: torch.Generator) -> torch.Tensor:
     """The eps-loss of `model` on images `x0` with their prompts, noise and time steps from `gen`."""
     ids = tokenize(prompts).to(x0.device)
-    t = torch.randint(0, len(model.alpha_bar), (len(x0),), generator=gen).to(x0.device)
-    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
-    a = model.alpha_bar[t].reshape(-1, 1, 1, 1)
-    return ((model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, ids) - eps) ** 2).mean()
+    x_t, t, eps = noised(x0, model.alpha_bar, gen)
+    return ((model(x_t, t, ids) - eps) ** 2).mean()
 
 
 MODES = ("dreambooth", "embedding")
@@ -432,34 +430,22 @@ def run_study_job(name: str, base: TextToImage | None = None, steps: int = 300) 
 
 
 def load_study(path=None) -> dict:
-    """The shipped study ({job: result}); `python -m dlearn.dreambooth study` recreates it."""
-    import json
+    """The shipped study results ({job: result}); `python -m dlearn.dreambooth study` recreates them."""
     from pathlib import Path
 
-    p = Path(__file__).parent / STUDY_PATH if path is None else Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p} is missing: recreate it with `python -m dlearn.dreambooth study`")
-    return json.loads(p.read_text())
+    from dlearn import results
+
+    return results.load_study(Path(__file__).parent / STUDY_PATH if path is None else path, "python -m dlearn.dreambooth study")
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import json
     from pathlib import Path
 
-    parser = argparse.ArgumentParser(prog="python -m dlearn.dreambooth", description="chapter 09's study")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("study", help="run study jobs and merge their results into the JSON file")
-    p.add_argument("jobs", nargs="*", help=f"job names (default: all): {', '.join(STUDY_JOBS)}")
-    p.add_argument("--out", default=None, help=f"the JSON file (default: the package's {STUDY_PATH})")
-    args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else Path(__file__).parent / STUDY_PATH
-    for job in args.jobs or list(STUDY_JOBS):
-        result = run_study_job(job)
-        done = json.loads(out.read_text()) if out.exists() else {}
-        done[job] = result
-        out.write_text(json.dumps(done, indent=1) + "\n")
-        print(f"{job}: {result['seconds']} s", flush=True)
+    from dlearn import results
+
+    results.study_cli(
+        argv, "python -m dlearn.dreambooth", "chapter 09's study", STUDY_JOBS, run_study_job, Path(__file__).parent / STUDY_PATH
+    )
 
 
 if __name__ == "__main__":

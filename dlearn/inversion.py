@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dlearn import ddim
 from dlearn.schedules import inference_timesteps
 
 # --------------------------------------------------------------------------------------------
@@ -150,10 +151,10 @@ def sampler_timesteps(world, steps: int) -> list[int]:
     return inference_timesteps(world.num_train, steps).tolist()
 
 
-def _final_alpha_bar(world, like: torch.Tensor) -> torch.Tensor:
+def _final(world) -> float:
     """alpha-bar below the first timestep: 1 by default; Stable Diffusion's schedulers (set_alpha_to_one=False)
     use alpha_bar[0] (`world.final_alpha_bar`)."""
-    return torch.as_tensor(getattr(world, "final_alpha_bar", 1.0), dtype=world.alpha_bar.dtype, device=like.device)
+    return float(getattr(world, "final_alpha_bar", 1.0))
 
 
 @torch.no_grad()
@@ -164,25 +165,18 @@ def ddim_invert(world, x0: torch.Tensor, steps: int = 50, guidance_scale: float 
     cond = world.cond_init(n) if cond is None else cond
     null = world.null_init(n) if null is None else null
     ts = sampler_timesteps(world, steps)
-    r = world.num_train // steps
     z, pivots = x0, [x0]
     for t in reversed(ts):
-        src = t - r
-        a_s = world.alpha_bar[src] if src >= 0 else _final_alpha_bar(world, z)
-        a_t = world.alpha_bar[t]
         eps = guided_eps(world, z, t, cond, null, guidance_scale)
-        x0_hat = (z - (1 - a_s).sqrt() * eps) / a_s.sqrt()
-        z = a_t.sqrt() * x0_hat + (1 - a_t).sqrt() * eps
+        z, _ = ddim.ddim_inverse_step(world.alpha_bar, t, world.num_train, steps, z, eps, initial_alpha_bar=_final(world))
         pivots.append(z)
     return Inversion(pivots, ts, guidance_scale)
 
 
 def denoise_step(world, z: torch.Tensor, t: int, prev: int, eps: torch.Tensor) -> torch.Tensor:
-    """One deterministic DDIM step from level t to level prev (prev < 0: the image)."""
-    a_t = world.alpha_bar[t]
-    a_p = world.alpha_bar[prev] if prev >= 0 else _final_alpha_bar(world, z)
-    x0_hat = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    return a_p.sqrt() * x0_hat + (1 - a_p).sqrt() * eps
+    """One deterministic DDIM step from level t to level prev (prev < 0: the image): chapter 05's `ddim.ddim_step`
+    with the world's alpha-bar below the first step."""
+    return ddim.ddim_step(world.alpha_bar, t, prev, z, eps, final_alpha_bar=_final(world))[0]
 
 
 @torch.no_grad()

@@ -123,3 +123,36 @@ def to_markdown(entries: list[dict]) -> str:
             lines.append(f"| {e['name']} | {_fmt(e['value'])} | {e['unit']} | {e['protocol']} | {anchor} | {figure} |")
         lines.append("")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Chapter studies: many runs of a recipe, made once by a command and shipped as JSON
+# --------------------------------------------------------------------------------------------
+
+
+def load_study(path: Path, command: str) -> dict:
+    """A shipped study ({job: result}) from `path`; if missing, the error names `command`, which recreates it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: recreate it with `{command}`")
+    return json.loads(path.read_text())
+
+
+def study_cli(argv: list[str] | None, prog: str, description: str, jobs, run_job, default_path: Path) -> None:
+    """`prog study [JOB ...] [--out FILE]`: run the named jobs (default: all of `jobs`) with `run_job(name)` and
+    merge each result into the JSON file as soon as it is done (so an interrupted study keeps what it finished)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("study", help="run study jobs and merge their results into the JSON file")
+    p.add_argument("jobs", nargs="*", help=f"job names (default: all): {', '.join(jobs)}")
+    p.add_argument("--out", default=None, help=f"the JSON file (default: {default_path.name} in the package)")
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else Path(default_path)
+    for job in args.jobs or list(jobs):
+        result = run_job(job)
+        done = json.loads(out.read_text()) if out.exists() else {}
+        done[job] = result
+        out.write_text(json.dumps(done, indent=1) + "\n")
+        print(f"{job}: {result['seconds']} s", flush=True)

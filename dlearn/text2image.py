@@ -312,6 +312,20 @@ def prompt_fidelity(images: torch.Tensor, classes: torch.Tensor, bits: torch.Ten
     }
 
 
+def noised(x0: torch.Tensor, alpha_bar: torch.Tensor, gen: torch.Generator):
+    """The forward process at random time steps, for the eps-losses of chapters 07-09: t ~ U{0, ..., T-1}, then
+    eps ~ N(0, I), both drawn from `gen` in that order, and x_t = `ddpm.q_sample(x0, alpha_bar[t], eps)`.
+
+    Returns:
+        (x_t, t, eps).
+    """
+    from dlearn.ddpm import q_sample
+
+    t = torch.randint(0, len(alpha_bar), (len(x0),), generator=gen).to(x0.device)
+    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+    return q_sample(x0, alpha_bar[t], eps), t, eps
+
+
 def train_text2image(seed: int = 0, max_steps: int = 5000, p_uncond: float = 0.1, lr: float = 1e-3, batch_size: int = 64,
                      eval_every: int = 1000, progress: bool | None = None):  # fmt: skip
     """The zoo's recipe: eps-loss with random partial captions and prompt dropout `p_uncond`, AdamW, cosine decay,
@@ -331,10 +345,8 @@ def train_text2image(seed: int = 0, max_steps: int = 5000, p_uncond: float = 0.1
     def loss_fn(m, batch, gen):
         x0, labels, bits = batch
         ids = tokenize(training_prompts(labels, bits, gen, p_uncond=p_uncond)).to(x0.device)
-        t = torch.randint(0, len(m.alpha_bar), (len(x0),), generator=gen).to(x0.device)
-        eps = torch.randn(x0.shape, generator=gen).to(x0.device)
-        a = m.alpha_bar[t].reshape(-1, 1, 1, 1)
-        return ((m(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, ids) - eps) ** 2).mean()
+        x_t, t, eps = noised(x0, m.alpha_bar, gen)
+        return ((m(x_t, t, ids) - eps) ** 2).mean()
 
     val_prompts = caption(x_val, y_val)  # every attribute of every validation digit
     val_feats = metrics.features(clf, levels_to_unit(x_val))
