@@ -58,6 +58,53 @@ def digits(split: str = "train", form: str = "levels") -> tuple[torch.Tensor, to
     return (levels_to_unit(images) if form == "unit" else images), labels
 
 
+AUGMENT_LABELS = ("dx", "dy", "flip", "transpose")
+"""What each column of `augment_digits`'s labels says: the shift right and down (-1, 0 or 1 pixel), and
+whether the image was mirrored left-right and transposed (0 or 1); all zeros = the image as it was."""
+
+
+def augment_digits(x: torch.Tensor, p: float, generator: torch.Generator | None = None,
+                   background: float | int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Non-leaky augmentation of 8x8 images: transform a share `p` of them and say how, so a model can be told.
+
+    Each image is, with probability p, mirrored left-right (probability 1/2), then transposed (1/2),
+    then shifted by dx, dy in {-1, 0, 1} pixels (uniform), the uncovered row and column filled with the
+    background. A model trained on the result *with the labels as an input* learns the transformed
+    digits as other, labelled distributions; asked with all-zero labels it models the data itself, so
+    the augmentations do not leak into its samples or its likelihood (Karras et al. 2022, "Elucidating
+    the design space of diffusion-based generative models", Sec. 5, after Karras et al. 2020's
+    StyleGAN2-ADA). On 1000 training digits this is a regulariser: it fights over-fitting.
+
+    Args:
+        x: images of shape (B, 1, 8, 8): grey levels (int64) or unit values (float).
+        p: the share of images transformed, in [0, 1].
+        generator: for reproducible draws.
+        background: the fill for uncovered pixels; default 0 for levels, -1 for float images.
+
+    Returns:
+        the images (same dtype) and their labels, float32 of shape (B, 4), columns `AUGMENT_LABELS`.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1:] != (1, 8, 8):
+        raise ValueError(f"expected images of shape (B, 1, 8, 8), got {getattr(x, 'shape', type(x).__name__)}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+    fill = background if background is not None else (-1.0 if x.is_floating_point() else 0)
+    b, dev = x.shape[0], x.device
+    on = torch.rand(b, generator=generator) < p
+    dx = torch.randint(-1, 2, (b,), generator=generator) * on
+    dy = torch.randint(-1, 2, (b,), generator=generator) * on
+    flip = (torch.rand(b, generator=generator) < 0.5) & on
+    transpose = (torch.rand(b, generator=generator) < 0.5) & on
+    out = torch.where(flip.to(dev).reshape(-1, 1, 1, 1), x.flip(-1), x)
+    out = torch.where(transpose.to(dev).reshape(-1, 1, 1, 1), out.transpose(-1, -2), out)
+    padded = torch.nn.functional.pad(out, (1, 1, 1, 1), value=fill)  # (B, 1, 10, 10)
+    rows = (1 - dy).to(dev).reshape(-1, 1, 1) + torch.arange(8, device=dev).reshape(1, 8, 1)  # out[i, j] = padded[i - dy, j - dx]
+    cols = (1 - dx).to(dev).reshape(-1, 1, 1) + torch.arange(8, device=dev).reshape(1, 1, 8)
+    out = padded[torch.arange(b, device=dev).reshape(-1, 1, 1), 0, rows, cols].unsqueeze(1)
+    labels = torch.stack([dx, dy, flip, transpose], dim=1).float().to(dev)
+    return out, labels
+
+
 # --------------------------------------------------------------------------------------------
 # Gaussian helpers
 # --------------------------------------------------------------------------------------------

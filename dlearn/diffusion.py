@@ -32,11 +32,14 @@ class DigitsDDPM(nn.Module):
         prediction_type: "eps", "x0", "v" or "levels".
         schedule: "linear" (1e-4 -> 0.02) or "cosine", with `num_steps` steps.
         channels, dropout: the denoiser's widths at 8x8 and 4x4, and its dropout.
+        augment: the denoiser also takes the 4 labels of `datasets.augment_digits` (`forward`'s `aug`;
+            all zeros, the untransformed digits, when none are given, as in every sampler).
     """
 
     def __init__(self, prediction_type: str = "eps", schedule: str = "linear", num_steps: int = 1000,
-                 channels=(32, 64), dropout: float = 0.1):  # fmt: skip
+                 channels=(32, 64), dropout: float = 0.1, augment: bool = False):  # fmt: skip
         super().__init__()
+        from dlearn.datasets import AUGMENT_LABELS
         from dlearn.nets import ConvDenoiser
         from dlearn.schedules import alpha_bar_from_betas, make_betas
 
@@ -45,15 +48,19 @@ class DigitsDDPM(nn.Module):
         self.prediction_type, self.schedule = prediction_type, schedule
         self.output_type = "x0" if prediction_type == "levels" else prediction_type
         out_ch = 17 if prediction_type == "levels" else 1
-        self.net = ConvDenoiser(in_ch=1, out_ch=out_ch, channels=tuple(channels), emb_dim=128, dropout=dropout)
+        self.augment_dim = len(AUGMENT_LABELS) if augment else None
+        self.net = ConvDenoiser(in_ch=1, out_ch=out_ch, channels=tuple(channels), emb_dim=128, dropout=dropout,
+                                cond_dim=self.augment_dim)  # fmt: skip
         self.register_buffer("alpha_bar", alpha_bar_from_betas(make_betas(schedule, num_steps)))
 
     @property
     def num_steps(self) -> int:
         return len(self.alpha_bar)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = self.net(x_t, t.float())
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, aug: torch.Tensor | None = None) -> torch.Tensor:
+        if aug is None and self.augment_dim is not None:
+            aug = torch.zeros(x_t.shape[0], self.augment_dim, device=x_t.device, dtype=x_t.dtype)
+        out = self.net(x_t, t.float(), cond=aug)
         if self.prediction_type != "levels":
             return out
         a = append_dims(self.alpha_bar[t], x_t.ndim + 1)  # (B, 1, 1, 1, 1)
@@ -68,7 +75,7 @@ class DigitsDDPM(nn.Module):
 
 
 def training_loss(model: DigitsDDPM, x0: torch.Tensor, generator: torch.Generator | None = None,
-                  weighting: str = "simple") -> torch.Tensor:  # fmt: skip
+                  weighting: str = "simple", aug: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """One Monte Carlo estimate of the training loss on a batch of images in [-1, 1] (Algorithm 1).
 
     - "simple": |target - output|^2 averaged over pixels, target = eps, x0 or v (Ho et al. 2020, Eq. 14
@@ -76,6 +83,8 @@ def training_loss(model: DigitsDDPM, x0: torch.Tensor, generator: torch.Generato
     - "vlb": the variational bound itself, T * E_t[L_t] per image in nats: the KL terms w_eps(t) |eps - eps_hat|^2
       for t >= 1 (Luo eq. 130) and the discretised decoder -log p(x_0 | x_1) at t = 0. Unbiased, but its
       weights put most of the loss on small t (w_eps falls 60-fold from the first steps to t = 300).
+
+    `aug`: the labels of augmented images (`datasets.augment_digits`), passed to the denoiser.
     """
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
@@ -84,7 +93,7 @@ def training_loss(model: DigitsDDPM, x0: torch.Tensor, generator: torch.Generato
     eps = torch.randn(x0.shape, generator=generator).to(dev)
     a = model.alpha_bar[t]
     x_t = q_sample(x0, a, eps)
-    out = model(x_t, t)
+    out = model(x_t, t, aug)
     if weighting == "simple":
         target = {"eps": eps, "x0": x0, "v": velocity(x0, eps, a)}[model.output_type]
         return ((out - target) ** 2).mean()
@@ -198,9 +207,10 @@ def sample_quality(samples: torch.Tensor, reference: str = "test", classifier=No
     }
 
 
-def build_ddpm(prediction_type: str = "eps", schedule: str = "linear", channels=(32, 64), dropout: float = 0.1) -> DigitsDDPM:
+def build_ddpm(prediction_type: str = "eps", schedule: str = "linear", channels=(32, 64), dropout: float = 0.1,
+               augment: bool = False) -> DigitsDDPM:  # fmt: skip
     """The zoo's constructor (T = 1000)."""
-    return DigitsDDPM(prediction_type, schedule, 1000, channels, dropout)
+    return DigitsDDPM(prediction_type, schedule, 1000, channels, dropout, augment)
 
 
 def train_ddpm(
@@ -213,6 +223,8 @@ def train_ddpm(
     dropout: float = 0.1,
     lr: float = 2e-3,
     eval_every: int = 1000,
+    augment: bool = False,
+    augment_p: float = 0.5,
     progress: bool | None = None,
 ):
     """A recipe for the digits DDPM: AdamW, cosine decay, weight average (EMA 0.999), batch 128.
@@ -221,6 +233,9 @@ def train_ddpm(
     samples (the selection metric: the best-FD weights are returned), their memorisation (threshold from
     the validation digits) and the bound (stride 10); the history keeps them as "val",
     "val_memorisation" and "val_bound", to show that they need not agree.
+
+    `augment`: train on `datasets.augment_digits` (a share `augment_p` of each batch transformed, the
+    labels given to the denoiser); samples and bounds are always of the untransformed digits.
     """
     from dlearn import datasets, zoo
     from dlearn.train import TrainConfig, fit
@@ -229,7 +244,7 @@ def train_ddpm(
     x_val, _ = datasets.digits("val")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_ddpm(prediction_type, schedule, channels, dropout)
+        model = build_ddpm(prediction_type, schedule, channels, dropout, augment)
     clf = zoo.load("digits_classifier")
     extra = []
 
@@ -248,7 +263,10 @@ def train_ddpm(
         return sample_quality(samples, "val", clf)["fd"]
 
     def loss_fn(m, batch, gen):
-        return training_loss(m, batch[0], gen, weighting)
+        if not augment:
+            return training_loss(m, batch[0], gen, weighting)
+        x, labels = datasets.augment_digits(batch[0], augment_p, gen)
+        return training_loss(m, x, gen, weighting, aug=labels)
 
     cfg = TrainConfig(max_steps=max_steps, batch_size=128, lr=lr, lr_schedule="cosine", ema=0.999,
                       eval_every=eval_every, seed=seed, progress=progress)  # fmt: skip

@@ -330,19 +330,25 @@ class VDM(nn.Module):
             raise ValueError(f"parameterisation must be 'levels' or 'eps', got {parameterisation!r}")
         self.net, self.schedule, self.parameterisation = net, schedule, parameterisation
 
-    def x0_hat(self, z_t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    def x0_hat(self, z_t: torch.Tensor, gamma: torch.Tensor, aug: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x | z_t] under the model; `aug`: augmentation labels for a denoiser trained with them (None: none)."""
+        out = self.net(z_t, gamma) if aug is None else self.net(z_t, gamma, aug)
         if self.parameterisation == "eps":
             g = gamma.reshape(-1, 1, 1, 1)
-            return (z_t - torch.sigmoid(g).sqrt() * self.net(z_t, gamma)) / torch.sigmoid(-g).sqrt()
-        logits = self.net(z_t, gamma) + level_log_likelihoods(z_t, gamma)[:, :, 0]  # (B, 17, 8, 8)
+            return (z_t - torch.sigmoid(g).sqrt() * out) / torch.sigmoid(-g).sqrt()
+        logits = out + level_log_likelihoods(z_t, gamma)[:, :, 0]  # (B, 17, 8, 8)
         probs = torch.softmax(logits, dim=1)
         return (probs * level_values(z_t.device, z_t.dtype).reshape(1, -1, 1, 1)).sum(1, keepdim=True)
 
-    def neg_elbo_terms(self, x_levels: torch.Tensor, generator=None, t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def neg_elbo_terms(self, x_levels: torch.Tensor, generator=None, t: torch.Tensor | None = None,
+                       aug: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
         """One-sample estimate of the three terms of -ELBO per image, in nats (Kingma et al. 2021, Eqs. 8, 17):
 
         reconstruction -log p(x | z_0),  prior KL(q(z_1 | x) || N(0, I)),
         diffusion 1/2 E_t[gamma'(t) exp(-gamma(t)) |x - x0_hat(z_t, t)|^2]  (t ~ U(0, 1), one draw).
+
+        `aug`: the labels of augmented training images (`datasets.augment_digits`); None, as for every
+        reported bound, means the untransformed data (all-zero labels where the denoiser takes them).
         """
         from dlearn.distributions import levels_to_unit, log_categorical_pixels
 
@@ -367,22 +373,28 @@ class VDM(nn.Module):
         eps = torch.randn(x.shape, generator=generator).to(dev)
         g4 = gamma.reshape(-1, 1, 1, 1)
         z_t = torch.sigmoid(-g4).sqrt() * x + torch.sigmoid(g4).sqrt() * eps
-        err = ((x - self.x0_hat(z_t, gamma)) ** 2).reshape(b, -1).sum(1)
+        err = ((x - self.x0_hat(z_t, gamma, aug)) ** 2).reshape(b, -1).sum(1)
         diffusion = 0.5 * dgamma * torch.exp(-gamma) * err
         return {"reconstruction": recon, "prior": prior, "diffusion": diffusion, "neg_elbo": recon + prior + diffusion}
 
 
 class _LevelDenoiser(nn.Module):
-    """`nets.ConvDenoiser` with 17 output channels (or `out_ch`), conditioned on gamma = -log SNR."""
+    """`nets.ConvDenoiser` with 17 output channels (or `out_ch`), conditioned on gamma = -log SNR and,
+    with `augment`, on the 4 labels of `datasets.augment_digits` (all zeros when none are given)."""
 
-    def __init__(self, channels=(32, 64), emb_scale: float = 50.0, out_ch: int = 17):
+    def __init__(self, channels=(32, 64), emb_scale: float = 50.0, out_ch: int = 17, augment: bool = False):
         super().__init__()
+        from dlearn.datasets import AUGMENT_LABELS
         from dlearn.nets import ConvDenoiser
 
-        self.net = ConvDenoiser(in_ch=1, out_ch=out_ch, channels=channels, emb_dim=128, emb_scale=emb_scale)
+        self.augment_dim = len(AUGMENT_LABELS) if augment else None
+        self.net = ConvDenoiser(in_ch=1, out_ch=out_ch, channels=channels, emb_dim=128, emb_scale=emb_scale,
+                                cond_dim=self.augment_dim)  # fmt: skip
 
-    def forward(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        return self.net(z, gamma)
+    def forward(self, z: torch.Tensor, gamma: torch.Tensor, aug: torch.Tensor | None = None) -> torch.Tensor:
+        if aug is None and self.augment_dim is not None:
+            aug = torch.zeros(z.shape[0], self.augment_dim, device=z.device, dtype=z.dtype)
+        return self.net(z, gamma, cond=aug)
 
 
 def bound_on_split(model: VDM, split: str = "test", draws: int = 20, seed: int = 2) -> float:
@@ -396,11 +408,11 @@ def bound_on_split(model: VDM, split: str = "test", draws: int = 20, seed: int =
 
 
 def build_vdm(learned: bool = True, gamma_min: float = -10.0, gamma_max: float = 6.0, channels=(32, 64),
-              parameterisation: str = "levels") -> VDM:  # fmt: skip
+              parameterisation: str = "levels", augment: bool = False) -> VDM:  # fmt: skip
     """The digits VDM: a 17-level conv denoiser (or a plain eps one) and a learned (`MonotoneLogSNR`) or
-    fixed linear schedule."""
+    fixed linear schedule; with `augment`, a denoiser that also takes augmentation labels."""
     schedule = MonotoneLogSNR(gamma_min, gamma_max, hidden=64) if learned else LinearLogSNR(gamma_min, gamma_max)
-    net = _LevelDenoiser(tuple(channels), out_ch=17 if parameterisation == "levels" else 1)
+    net = _LevelDenoiser(tuple(channels), out_ch=17 if parameterisation == "levels" else 1, augment=augment)
     return VDM(net, schedule, parameterisation)
 
 
@@ -421,11 +433,15 @@ def train_vdm(
     channels=(32, 64),
     lr: float = 2e-3,
     parameterisation: str = "levels",
+    augment: bool = False,
+    augment_p: float = 0.5,
     progress: bool | None = None,
 ):
     """A recipe for the digits VDM: AdamW on the one-sample -ELBO, cosine decay, weight average, best validation bound.
 
     `learned`: a `MonotoneLogSNR` schedule trained with the model (endpoints included), else `LinearLogSNR`.
+    `augment`: train on `datasets.augment_digits` (a share `augment_p` of each batch transformed, the
+    labels given to the denoiser); validation and test bounds are of the untransformed digits.
     """
     from dlearn import datasets
     from dlearn.train import TrainConfig, fit
@@ -433,10 +449,13 @@ def train_vdm(
     x_train, _ = datasets.digits("train")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_vdm(learned, gamma_min, gamma_max, channels, parameterisation)
+        model = build_vdm(learned, gamma_min, gamma_max, channels, parameterisation, augment)
 
     def loss_fn(m, batch, gen):
-        return m.neg_elbo_terms(batch[0], gen)["neg_elbo"].mean()
+        if not augment:
+            return m.neg_elbo_terms(batch[0], gen)["neg_elbo"].mean()
+        x, labels = datasets.augment_digits(batch[0], augment_p, gen)
+        return m.neg_elbo_terms(x, gen, aug=labels)["neg_elbo"].mean()
 
     cfg = TrainConfig(max_steps=max_steps, lr=lr, lr_schedule="cosine", ema=0.999, eval_every=200, seed=seed, progress=progress)
     result = fit(model, loss_fn, (x_train,), cfg, val_fn=lambda m: bound_on_split(m, "val", draws=8, seed=1))

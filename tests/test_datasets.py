@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,3 +208,52 @@ def test_mixture_rejects_bad_input():
         mix.eps_star(torch.zeros(3, 2), 1.0)
     with pytest.raises(ValueError, match="std"):
         datasets.gaussian_data(0.0, 0.0)
+
+
+def _transform_by_hand(img, dx, dy, flip, transpose, fill):
+    """The oracle for one image: numpy, one step at a time, written independently of augment_digits."""
+    a = np.array(img[0], dtype=float)
+    if flip:
+        a = a[:, ::-1]
+    if transpose:
+        a = a.T
+    out = np.full((8, 8), float(fill))
+    for i in range(8):
+        for j in range(8):
+            if 0 <= i - dy < 8 and 0 <= j - dx < 8:
+                out[i, j] = a[i - dy, j - dx]
+    return out
+
+
+@pytest.mark.parametrize("form", ["levels", "unit"])
+def test_augment_digits_does_what_its_labels_say(form, gen):
+    x, _ = datasets.digits("val", form=form)
+    out, labels = datasets.augment_digits(x, 1.0, gen)
+    assert out.dtype == x.dtype and out.shape == x.shape and labels.shape == (len(x), 4)
+    fill = -1.0 if form == "unit" else 0
+    for img, new, (dx, dy, flip, transpose) in zip(x, out, labels.tolist(), strict=True):
+        np.testing.assert_array_equal(new[0].double().numpy(), _transform_by_hand(img, int(dx), int(dy), flip, transpose, fill))
+    # every transform occurs: 9 shifts x 4 mirror/transpose combinations, each about 1/36 of 350 images
+    combos = {tuple(row) for row in labels.tolist()}
+    assert len(combos) == 36
+
+
+def test_augment_digits_transforms_a_share_p_and_p_zero_is_the_identity(gen):
+    x, _ = datasets.digits("train")
+    same, labels = datasets.augment_digits(x, 0.0, gen)
+    assert torch.equal(same, x) and not labels.any()
+    _, labels = datasets.augment_digits(x, 0.3, gen)
+    # an image is labelled non-zero when it was drawn (0.3) and its draw is not the identity (35/36)
+    share = labels.any(1).double().mean().item()
+    expected = 0.3 * 35 / 36
+    assert abs(share - expected) < 4 * math.sqrt(expected * (1 - expected) / len(x))
+
+
+def test_augment_digits_rejects_bad_input():
+    x, _ = datasets.digits("val")
+    with pytest.raises(ValueError, match=r"p must be a probability in \[0, 1\], got 1.5"):
+        datasets.augment_digits(x, 1.5)
+    with pytest.raises(ValueError, match="probability"):
+        datasets.augment_digits(x, True)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, 8, 8\), got torch.Size\(\[350, 8, 8\]\)"):
+        datasets.augment_digits(x[:, 0], 0.5)

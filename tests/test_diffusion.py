@@ -280,3 +280,20 @@ def test_check_P12_a_discretised_decoder_gives_a_proper_bound_that_beats_the_bas
     model = zoo.load("ddpm_levels_vlb")
     terms = diffusion.vlb_terms(model, x_test[:50], torch.Generator().manual_seed(0), stride=10)
     assert (terms["reconstruction"] >= 0).all() and (terms["neg_elbo"] > 0).all()
+
+
+def test_an_augmented_ddpm_samples_the_plain_digits_when_given_no_labels(gen):
+    """Samplers call model(x_t, t): for an augmented model that is the all-zero label, the digits as they are."""
+    torch.manual_seed(0)
+    model = diffusion.DigitsDDPM("eps", channels=(8, 16), augment=True).eval()
+    x, _ = datasets.digits("val", form="unit")
+    t = torch.randint(0, 1000, (len(x),), generator=gen)
+    with torch.no_grad():
+        plain = model(x, t)
+        assert torch.equal(plain, model(x, t, torch.zeros(len(x), 4)))
+        _, labels = datasets.augment_digits(x, 1.0, gen)
+        assert (model(x, t, labels) - plain).abs().max() > 1e-3
+        loss = diffusion.training_loss(model, x, gen, aug=labels)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="cond given, but this denoiser was built without cond_dim"):
+        diffusion.training_loss(diffusion.DigitsDDPM(channels=(8, 16)), x, gen, aug=labels)

@@ -301,7 +301,7 @@ def test_decoder_probabilities_are_normalised_and_sharpen():
 def test_the_diffusion_term_is_an_unbiased_estimate_of_its_integral():
     """With x0_hat = 0 the diffusion term is 1/2 |x|^2 (SNR(0) - SNR(1)) exactly; the random-t estimate averages to it."""
     model = vdm.VDM(_ZeroNet(), vdm.LinearLogSNR(-5.0, 5.0))
-    model.x0_hat = lambda z, gamma: torch.zeros_like(z)
+    model.x0_hat = lambda z, gamma, aug=None: torch.zeros_like(z)
     x, _ = datasets.digits("test")
     x = x[:1].expand(20_000, 1, 8, 8)
     terms = model.neg_elbo_terms(x, torch.Generator().manual_seed(0))["diffusion"].detach().double()
@@ -310,7 +310,7 @@ def test_the_diffusion_term_is_an_unbiased_estimate_of_its_integral():
     se = terms.std() / math.sqrt(len(terms))  # conservative: the antithetic t-grid makes the real error smaller
     assert abs(terms.mean().item() - exact) < 3 * se
     # a perfect denoiser has no diffusion loss
-    model.x0_hat = lambda z, gamma: distributions.levels_to_unit(x[:4])
+    model.x0_hat = lambda z, gamma, aug=None: distributions.levels_to_unit(x[:4])
     assert model.neg_elbo_terms(x[:4])["diffusion"].abs().max() < 1e-6
 
 
@@ -340,3 +340,22 @@ def test_the_shipped_vdm_bound_beats_part_one_and_the_autoregressive_anchor():
     assert vdm_bound < zoo.info("vae")["mean"]["neg_iwae_1000"]  # below the VAE's IWAE bound
     assert vdm_bound < zoo.info("hvae")["mean"]["neg_iwae_1000"]
     assert vdm_bound < 86.4  # intro_dgm's autoregressive model, exact NLL on the same split (BOOK.md)
+
+
+def test_an_augmented_vdm_models_the_plain_digits_when_given_no_labels(gen):
+    """Non-leaky augmentation: labels all zero = no labels = the untransformed digits; labels do matter."""
+    from dlearn import datasets
+
+    torch.manual_seed(0)
+    model = vdm.build_vdm(augment=True)
+    x, _ = datasets.digits("val")
+    z, gamma = torch.randn(x.shape, generator=gen), torch.full((len(x),), -2.0)
+    with torch.no_grad():
+        plain = model.x0_hat(z, gamma)
+        assert torch.equal(plain, model.x0_hat(z, gamma, torch.zeros(len(x), 4)))
+        _, labels = datasets.augment_digits(x, 1.0, gen)
+        assert (model.x0_hat(z, gamma, labels) - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="cond given, but this denoiser was built without cond_dim"):
+        vdm.build_vdm(augment=False).x0_hat(z, gamma, labels)
+    model, result = vdm.train_vdm(max_steps=10, augment=True, progress=False)
+    assert result.steps == 10 and 0 < vdm.bound_on_split(model, "val", draws=1) < 400
