@@ -297,3 +297,13 @@ def test_an_augmented_ddpm_samples_the_plain_digits_when_given_no_labels(gen):
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="cond given, but this denoiser was built without cond_dim"):
         diffusion.training_loss(diffusion.DigitsDDPM(channels=(8, 16)), x, gen, aug=labels)
+
+
+def test_quality_over_seeds_averages_sample_quality(tiny):
+    out = diffusion.quality_over_seeds(tiny, "ddim", 3, seeds=(0, 1), n=64)
+    singles = [diffusion.sample_quality(diffusion.generate(tiny, 64, "ddim", 3, seed=s, progress=False)) for s in (0, 1)]
+    assert out["fd"] == [q["fd"] for q in singles] and out["memorisation"] == [q["memorisation"] for q in singles]
+    assert out["fd_mean"] == pytest.approx(sum(out["fd"]) / 2)
+    assert out["fd_std"] == pytest.approx(abs(out["fd"][0] - out["fd"][1]) / math.sqrt(2))
+    with pytest.raises(ValueError, match="at least one sampling seed"):
+        diffusion.quality_over_seeds(tiny, seeds=())
