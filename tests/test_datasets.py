@@ -212,7 +212,7 @@ def test_mixture_rejects_bad_input():
 
 def _transform_by_hand(img, dx, dy, flip, transpose, fill):
     """The oracle for one image: numpy, one step at a time, written independently of augment_digits."""
-    a = np.array(img[0], dtype=float)
+    a = img[0].double().numpy()
     if flip:
         a = a[:, ::-1]
     if transpose:
