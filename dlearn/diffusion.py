@@ -48,9 +48,8 @@ class DigitsDDPM(nn.Module):
         self.prediction_type, self.schedule = prediction_type, schedule
         self.output_type = "x0" if prediction_type == "levels" else prediction_type
         out_ch = 17 if prediction_type == "levels" else 1
-        self.augment_dim = len(AUGMENT_LABELS) if augment else None
         self.net = ConvDenoiser(in_ch=1, out_ch=out_ch, channels=tuple(channels), emb_dim=128, dropout=dropout,
-                                cond_dim=self.augment_dim)  # fmt: skip
+                                cond_dim=len(AUGMENT_LABELS) if augment else None, cond_optional=True)  # fmt: skip
         self.register_buffer("alpha_bar", alpha_bar_from_betas(make_betas(schedule, num_steps)))
 
     @property
@@ -58,8 +57,6 @@ class DigitsDDPM(nn.Module):
         return len(self.alpha_bar)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, aug: torch.Tensor | None = None) -> torch.Tensor:
-        if aug is None and self.augment_dim is not None:
-            aug = torch.zeros(x_t.shape[0], self.augment_dim, device=x_t.device, dtype=x_t.dtype)
         out = self.net(x_t, t.float(), cond=aug)
         if self.prediction_type != "levels":
             return out

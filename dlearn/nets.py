@@ -124,6 +124,8 @@ class ConvDenoiser(nn.Module):
         emb_scale: the scalar input is multiplied by this before the sinusoidal embedding.
         num_classes: if given, an embedding table of num_classes + 1 rows (the last: no label).
         cond_dim: if given, a linear map from a condition vector of this size.
+        cond_optional: a missing `cond` reads as all zeros instead of raising (for labels whose zero
+            means "nothing", like `datasets.augment_digits`'s: untransformed).
     """
 
     def __init__(
@@ -136,11 +138,12 @@ class ConvDenoiser(nn.Module):
         num_classes: int | None = None,
         cond_dim: int | None = None,
         dropout: float = 0.0,
+        cond_optional: bool = False,
     ):
         super().__init__()
         c1, c2 = channels
         self.in_ch, self.emb_dim, self.emb_scale = in_ch, emb_dim, emb_scale
-        self.num_classes, self.cond_dim = num_classes, cond_dim
+        self.num_classes, self.cond_dim, self.cond_optional = num_classes, cond_dim, cond_optional
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
         self.cond_proj = nn.Linear(cond_dim, emb_dim) if cond_dim is not None else None
@@ -164,6 +167,8 @@ class ConvDenoiser(nn.Module):
         elif labels is not None:
             raise ValueError("labels given, but this denoiser was built without num_classes")
         if self.cond_proj is not None:
+            if cond is None and self.cond_optional:
+                cond = torch.zeros(t.shape[0], self.cond_dim, device=t.device, dtype=emb.dtype)
             if cond is None or cond.shape != (t.shape[0], self.cond_dim):
                 got = None if cond is None else tuple(cond.shape)
                 raise ValueError(f"cond must have shape ({t.shape[0]}, {self.cond_dim}), got {got}")

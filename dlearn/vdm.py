@@ -387,13 +387,10 @@ class _LevelDenoiser(nn.Module):
         from dlearn.datasets import AUGMENT_LABELS
         from dlearn.nets import ConvDenoiser
 
-        self.augment_dim = len(AUGMENT_LABELS) if augment else None
         self.net = ConvDenoiser(in_ch=1, out_ch=out_ch, channels=channels, emb_dim=128, emb_scale=emb_scale,
-                                cond_dim=self.augment_dim)  # fmt: skip
+                                cond_dim=len(AUGMENT_LABELS) if augment else None, cond_optional=True)  # fmt: skip
 
     def forward(self, z: torch.Tensor, gamma: torch.Tensor, aug: torch.Tensor | None = None) -> torch.Tensor:
-        if aug is None and self.augment_dim is not None:
-            aug = torch.zeros(z.shape[0], self.augment_dim, device=z.device, dtype=z.dtype)
         return self.net(z, gamma, cond=aug)
 
 

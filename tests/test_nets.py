@@ -86,3 +86,12 @@ def test_count_parameters():
     assert nets.count_parameters(mlp) == 2 * 3 + 3 + 3 * 1 + 1
     mlp.net[0].requires_grad_(False)
     assert nets.count_parameters(mlp) == 4 and nets.count_parameters(mlp, trainable_only=False) == 13
+
+
+def test_an_optional_condition_reads_as_zeros_and_a_required_one_is_asked_for():
+    x, t = torch.randn(3, 1, 8, 8), torch.arange(3)
+    torch.manual_seed(0)
+    net = nets.ConvDenoiser(channels=(8, 16), emb_dim=16, cond_dim=4, cond_optional=True)
+    torch.testing.assert_close(net(x, t), net(x, t, cond=torch.zeros(3, 4)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"cond must have shape \(3, 4\), got None"):
+        nets.ConvDenoiser(channels=(8, 16), emb_dim=16, cond_dim=4)(x, t)
