@@ -58,6 +58,28 @@ def digits(split: str = "train", form: str = "levels") -> tuple[torch.Tensor, to
     return (levels_to_unit(images) if form == "unit" else images), labels
 
 
+def stratified_labels(n: int, split: str = "train", generator: torch.Generator | None = None) -> torch.Tensor:
+    """n class labels in the proportions of a split's labels, shuffled: stratified, not drawn one by one.
+
+    Class k gets floor(n p_k) labels and the n - sum floor(n p_k) left over go to the classes with the
+    largest remainders n p_k - floor(n p_k) (ties to the lower class). With n = 1000 and the train
+    split the counts are exactly the train split's. Used to sample a class-conditional model's
+    marginal p(x) = sum_k p_k p(x | k) without the multinomial noise in the class counts.
+
+    Returns:
+        int64 labels of shape (n,).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    _, labels = digits(split)
+    share = torch.bincount(labels, minlength=10).double() * n / labels.numel()
+    counts = share.floor().long()
+    order = torch.argsort(-(share - counts), stable=True)
+    counts[order[: n - int(counts.sum())]] += 1
+    out = torch.repeat_interleave(torch.arange(10), counts)
+    return out[torch.randperm(n, generator=generator)]
+
+
 AUGMENT_LABELS = ("dx", "dy", "flip", "transpose")
 """What each column of `augment_digits`'s labels says: the shift right and down (-1, 0 or 1 pixel), and
 whether the image was mirrored left-right and transposed (0 or 1); all zeros = the image as it was."""

@@ -34,10 +34,14 @@ class DigitsDDPM(nn.Module):
         channels, dropout: the denoiser's widths at 8x8 and 4x4, and its dropout.
         augment: the denoiser also takes the 4 labels of `datasets.augment_digits` (`forward`'s `aug`;
             all zeros, the untransformed digits, when none are given, as in every sampler).
+        num_classes: a class-conditional model of p(x | label): the denoiser takes a digit label 0..9
+            (`forward`'s `labels`, required). `generate` then samples the marginal p(x) with labels in
+            the train split's proportions (`datasets.stratified_labels`) unless given labels.
     """
 
     def __init__(self, prediction_type: str = "eps", schedule: str = "linear", num_steps: int = 1000,
-                 channels=(32, 64), dropout: float = 0.1, augment: bool = False):  # fmt: skip
+                 channels=(32, 64), dropout: float = 0.1, augment: bool = False,
+                 num_classes: int | None = None):  # fmt: skip
         super().__init__()
         from dlearn.datasets import AUGMENT_LABELS
         from dlearn.nets import ConvDenoiser
@@ -45,19 +49,23 @@ class DigitsDDPM(nn.Module):
 
         if prediction_type not in (*PREDICTION_TYPES, "levels"):
             raise ValueError(f"prediction_type must be one of {(*PREDICTION_TYPES, 'levels')}, got {prediction_type!r}")
-        self.prediction_type, self.schedule = prediction_type, schedule
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
+            raise ValueError(f"num_classes must be None or an integer >= 2, got {num_classes!r}")
+        self.prediction_type, self.schedule, self.num_classes = prediction_type, schedule, num_classes
         self.output_type = "x0" if prediction_type == "levels" else prediction_type
         out_ch = 17 if prediction_type == "levels" else 1
         self.net = ConvDenoiser(in_ch=1, out_ch=out_ch, channels=tuple(channels), emb_dim=128, dropout=dropout,
-                                cond_dim=len(AUGMENT_LABELS) if augment else None, cond_optional=True)  # fmt: skip
+                                cond_dim=len(AUGMENT_LABELS) if augment else None, cond_optional=True,
+                                num_classes=num_classes)  # fmt: skip
         self.register_buffer("alpha_bar", alpha_bar_from_betas(make_betas(schedule, num_steps)))
 
     @property
     def num_steps(self) -> int:
         return len(self.alpha_bar)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, aug: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.net(x_t, t.float(), cond=aug)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, aug: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        out = self.net(x_t, t.float(), labels=labels, cond=aug)
         if self.prediction_type != "levels":
             return out
         a = append_dims(self.alpha_bar[t], x_t.ndim + 1)  # (B, 1, 1, 1, 1)
@@ -72,7 +80,8 @@ class DigitsDDPM(nn.Module):
 
 
 def training_loss(model: DigitsDDPM, x0: torch.Tensor, generator: torch.Generator | None = None,
-                  weighting: str = "simple", aug: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                  weighting: str = "simple", aug: torch.Tensor | None = None,
+                  labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """One Monte Carlo estimate of the training loss on a batch of images in [-1, 1] (Algorithm 1).
 
     - "simple": |target - output|^2 averaged over pixels, target = eps, x0 or v (Ho et al. 2020, Eq. 14
@@ -82,6 +91,7 @@ def training_loss(model: DigitsDDPM, x0: torch.Tensor, generator: torch.Generato
       weights put most of the loss on small t (w_eps falls 60-fold from the first steps to t = 300).
 
     `aug`: the labels of augmented images (`datasets.augment_digits`), passed to the denoiser.
+    `labels`: the digits' classes, for a class-conditional model (`DigitsDDPM(num_classes=...)`).
     """
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
@@ -90,7 +100,7 @@ def training_loss(model: DigitsDDPM, x0: torch.Tensor, generator: torch.Generato
     eps = torch.randn(x0.shape, generator=generator).to(dev)
     a = model.alpha_bar[t]
     x_t = q_sample(x0, a, eps)
-    out = model(x_t, t, aug)
+    out = model(x_t, t, aug, labels)
     if weighting == "simple":
         target = {"eps": eps, "x0": x0, "v": velocity(x0, eps, a)}[model.output_type]
         return ((out - target) ** 2).mean()
@@ -123,13 +133,16 @@ def _vlb_terms_at(model, x0, t, x_t, eps, out) -> torch.Tensor:
 
 @torch.no_grad()
 def vlb_terms(model: DigitsDDPM, x_levels: torch.Tensor, generator: torch.Generator | None = None,
-              stride: int = 1, exact_below: int = 100, batch_size: int = 1024) -> dict[str, torch.Tensor]:  # fmt: skip
+              stride: int = 1, exact_below: int = 100, batch_size: int = 1024,
+              labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """The variational bound L = L_T + sum_{t>1} L_{t-1} + L_0 per image, in nats (Ho et al. 2020, Eq. 5).
 
     Every step's KL is computed with one noise draw per image; with `stride` > 1, every step below
     `exact_below` is still visited (they carry most of the bound) and above it only every stride-th step
     from a random offset, its term scaled by `stride`: an unbiased stratified estimate. The decoder
     term L_0 is always computed.
+
+    `labels`: the images' classes, for a class-conditional model: then it is the bound on -log p(x | label).
 
     Returns:
         per-image tensors "prior" (L_T), "diffusion" (the KL sum), "reconstruction" (L_0), "neg_elbo".
@@ -142,6 +155,7 @@ def vlb_terms(model: DigitsDDPM, x_levels: torch.Tensor, generator: torch.Genera
     dev = model.alpha_bar.device
     x0 = levels_to_unit(x_levels).to(dev)
     n, T = x0.shape[0], model.num_steps
+    labels = _check_labels(model, labels, n)
     low = min(max(exact_below, 1), T)
     offset = int(torch.randint(0, stride, (1,), generator=generator)) if stride > 1 else 0
     steps = torch.cat([torch.arange(1, low), torch.arange(low + offset, T, stride)])
@@ -154,7 +168,8 @@ def vlb_terms(model: DigitsDDPM, x_levels: torch.Tensor, generator: torch.Genera
             t = torch.full((xb.shape[0],), t_val, dtype=torch.long, device=dev)
             eps = torch.randn(xb.shape, generator=generator).to(dev)
             x_t = q_sample(xb, model.alpha_bar[t], eps)
-            term = _vlb_terms_at(model, xb, t, x_t, eps, model(x_t, t)).double()
+            lab = None if labels is None else labels[i : i + batch_size]
+            term = _vlb_terms_at(model, xb, t, x_t, eps, model(x_t, t, labels=lab)).double()
             if t_val == 0:
                 recon[i : i + batch_size] = term
             else:
@@ -164,23 +179,48 @@ def vlb_terms(model: DigitsDDPM, x_levels: torch.Tensor, generator: torch.Genera
             "neg_elbo": prior + diffusion + recon}  # fmt: skip
 
 
+def _check_labels(model: DigitsDDPM, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The labels moved to the model's device, after checking they fit a class-conditional model."""
+    num_classes = getattr(model, "num_classes", None)
+    if labels is None:
+        if num_classes is not None:
+            raise ValueError(f"this DDPM is class-conditional ({num_classes} classes): pass labels of shape ({n},)")
+        return None
+    if num_classes is None:
+        raise ValueError("labels given, but this DDPM is unconditional (build it with num_classes)")
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != (n,):
+        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an int64 tensor of shape ({n},), got {got}")
+    if n and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {labels.min().item()}..{labels.max().item()}")
+    return labels.to(model.alpha_bar.device)
+
+
 def generate(model: DigitsDDPM, n: int, sampler: str = "ddim", steps: int = 50, seed: int = 0,
-             progress: bool | None = None) -> torch.Tensor:  # fmt: skip
+             progress: bool | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """n samples in [-1, 1], shape (n, 1, 8, 8): "ancestral" (every step of the chain, or `steps`
-    evenly strided) or "ddim" (eta = 0, `steps` steps, leading spacing)."""
-    from dlearn import ddim
+    evenly strided) or "ddim" (eta = 0, `steps` steps, leading spacing).
+
+    A class-conditional model samples p(x | labels); without `labels` it samples the marginal p(x) with
+    labels in the train split's proportions, shuffled by `seed` (`datasets.stratified_labels`).
+    """
+    from dlearn import datasets, ddim
 
     g = torch.Generator().manual_seed(seed)
     dev = model.alpha_bar.device
     x_T = torch.randn((n, 1, 8, 8), generator=g).to(dev)
+    if labels is None and getattr(model, "num_classes", None) is not None:
+        labels = datasets.stratified_labels(n, "train", g)
+    labels = _check_labels(model, labels, n)
+    model_fn = model if labels is None else (lambda x, t: model(x, t, labels=labels))
     was_training = model.training
     model.eval()
     try:
         if sampler == "ancestral":
             timesteps = None if steps == model.num_steps else torch.linspace(model.num_steps - 1, 0, steps).round().long()
-            return sample(model, x_T, model.alpha_bar, timesteps, model.output_type, generator=g, progress=progress)
+            return sample(model_fn, x_T, model.alpha_bar, timesteps, model.output_type, generator=g, progress=progress)
         if sampler == "ddim":
-            return ddim.sample(model, x_T, model.alpha_bar, steps, prediction_type=model.output_type, clip=True,
+            return ddim.sample(model_fn, x_T, model.alpha_bar, steps, prediction_type=model.output_type, clip=True,
                                progress=progress)  # fmt: skip
         raise ValueError(f"sampler must be 'ancestral' or 'ddim', got {sampler!r}")
     finally:
@@ -205,23 +245,49 @@ def sample_quality(samples: torch.Tensor, reference: str = "test", classifier=No
 
 
 def quality_over_seeds(model: DigitsDDPM, sampler: str = "ddim", steps: int = 50, seeds=(0, 1, 2), n: int = 1000,
-                       classifier=None) -> dict[str, float]:  # fmt: skip
+                       classifier=None, labels: str = "stratified") -> dict[str, float]:  # fmt: skip
     """`sample_quality` of n samples for each sampling seed, with the mean and standard deviation over seeds.
 
     The Frechet distance of 1000 samples moves by a few tenths from one sampling seed to the next (the
     447 test digits stay fixed): compare models and samplers on the mean over seeds, not on one draw.
 
+    `labels`, for a class-conditional model: "stratified" (the train split's class counts exactly,
+    `generate`'s default) or "iid" (each label drawn independently with the train split's frequencies,
+    so the class counts vary from seed to seed as an unconditional model's do).
+
     Returns:
-        "fd_mean", "fd_std", "memorisation_mean", "memorisation_std" and the per-seed "fd" and "memorisation" lists.
+        "fd_mean", "fd_std", "memorisation_mean", "memorisation_std", the per-seed "fd" and "memorisation"
+        lists, and per seed the "class_counts": how many samples the classifier reads as each digit 0..9.
     """
-    from dlearn import zoo
+    from dlearn import datasets, zoo
 
     seeds = tuple(seeds)
     if not seeds:
         raise ValueError("seeds must name at least one sampling seed")
+    if labels not in ("stratified", "iid"):
+        raise ValueError(f"labels must be 'stratified' or 'iid', got {labels!r}")
+    if labels == "iid" and getattr(model, "num_classes", None) is None:
+        raise ValueError("labels='iid' needs a class-conditional model; this DDPM is unconditional")
     clf = classifier if classifier is not None else zoo.load("digits_classifier")
-    runs = [sample_quality(generate(model, n, sampler, steps, seed=s, progress=False), "test", clf) for s in seeds]
-    out: dict = {}
+
+    def draw(s):
+        if labels == "stratified":
+            return generate(model, n, sampler, steps, seed=s, progress=False)
+        _, y_train = datasets.digits("train")
+        freq = torch.bincount(y_train, minlength=model.num_classes).double()
+        lab = torch.multinomial(freq, n, replacement=True, generator=torch.Generator().manual_seed(s))
+        return generate(model, n, sampler, steps, seed=s, progress=False, labels=lab)
+
+    from dlearn import metrics
+    from dlearn.distributions import levels_to_unit, unit_to_levels
+
+    runs, counts = [], []
+    for s in seeds:
+        x = draw(s)
+        runs.append(sample_quality(x, "test", clf))
+        classes = metrics.predict(clf, levels_to_unit(unit_to_levels(x.detach().cpu()))).argmax(1)
+        counts.append(torch.bincount(classes, minlength=10).tolist())
+    out: dict = {"class_counts": counts}
     for key in ("fd", "memorisation"):
         values = torch.tensor([r[key] for r in runs], dtype=torch.float64)
         out[key] = values.tolist()
@@ -231,9 +297,9 @@ def quality_over_seeds(model: DigitsDDPM, sampler: str = "ddim", steps: int = 50
 
 
 def build_ddpm(prediction_type: str = "eps", schedule: str = "linear", channels=(32, 64), dropout: float = 0.1,
-               augment: bool = False) -> DigitsDDPM:  # fmt: skip
+               augment: bool = False, num_classes: int | None = None) -> DigitsDDPM:  # fmt: skip
     """The zoo's constructor (T = 1000)."""
-    return DigitsDDPM(prediction_type, schedule, 1000, channels, dropout, augment)
+    return DigitsDDPM(prediction_type, schedule, 1000, channels, dropout, augment, num_classes)
 
 
 def train_ddpm(
@@ -248,6 +314,7 @@ def train_ddpm(
     eval_every: int = 1000,
     augment: bool = False,
     augment_p: float = 0.5,
+    num_classes: int | None = None,
     progress: bool | None = None,
 ):
     """A recipe for the digits DDPM: AdamW, cosine decay, weight average (EMA 0.999), batch 128.
@@ -259,15 +326,22 @@ def train_ddpm(
 
     `augment`: train on `datasets.augment_digits` (a share `augment_p` of each batch transformed, the
     labels given to the denoiser); samples and bounds are always of the untransformed digits.
+
+    `num_classes` (10): a class-conditional DDPM trained on (digit, label) pairs. Its validation samples
+    have labels in the train split's proportions (`generate`) and its "val_bound" is the bound on
+    -log p(x | label) with the validation labels.
     """
     from dlearn import datasets, zoo
     from dlearn.train import TrainConfig, fit
 
-    x_train, _ = datasets.digits("train", form="unit")
-    x_val, _ = datasets.digits("val")
+    x_train, y_train = datasets.digits("train", form="unit")
+    x_val, y_val = datasets.digits("val")
+    if num_classes is not None and num_classes != 10:
+        raise ValueError(f"the digits have 10 classes: num_classes must be None or 10, got {num_classes!r}")
+    conditional = num_classes is not None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_ddpm(prediction_type, schedule, channels, dropout, augment)
+        model = build_ddpm(prediction_type, schedule, channels, dropout, augment, num_classes)
     clf = zoo.load("digits_classifier")
     extra = []
 
@@ -280,20 +354,21 @@ def train_ddpm(
         g = torch.Generator().manual_seed(1)
         samples = generate(m, 500, "ddim", 20, seed=1, progress=False)
         extra.append({
-            "val_bound": vlb_terms(m, x_val, g, stride=10)["neg_elbo"].mean().item(),
+            "val_bound": vlb_terms(m, x_val, g, stride=10, labels=y_val if conditional else None)["neg_elbo"].mean().item(),
             "val_memorisation": metrics.memorisation(levels_to_unit(unit_to_levels(samples.cpu())), x_train, x_val_unit),
         })  # fmt: skip
         return sample_quality(samples, "val", clf)["fd"]
 
     def loss_fn(m, batch, gen):
+        classes = batch[1] if conditional else None
         if not augment:
-            return training_loss(m, batch[0], gen, weighting)
+            return training_loss(m, batch[0], gen, weighting, labels=classes)
         x, labels = datasets.augment_digits(batch[0], augment_p, gen)
-        return training_loss(m, x, gen, weighting, aug=labels)
+        return training_loss(m, x, gen, weighting, aug=labels, labels=classes)
 
     cfg = TrainConfig(max_steps=max_steps, batch_size=128, lr=lr, lr_schedule="cosine", ema=0.999,
                       eval_every=eval_every, seed=seed, progress=progress)  # fmt: skip
-    result = fit(model, loss_fn, (x_train,), cfg, val_fn=val_fn)
+    result = fit(model, loss_fn, (x_train, y_train) if conditional else (x_train,), cfg, val_fn=val_fn)
     for record, more in zip(result.history, extra, strict=False):  # a resumed run lacks them for earlier records
         record.update(more)
     return model.eval(), result
@@ -311,6 +386,26 @@ def protocol_metrics(model: DigitsDDPM) -> dict[str, float]:
     out = {"neg_elbo": nats, "neg_elbo_bpd": nats_to_bits_per_dim(nats, 64)}
     q = sample_quality(generate(model, 1000, "ancestral", model.num_steps, seed=0, progress=False), "test")
     out["fd_ancestral"], out["memorisation_ancestral"] = q["fd"], q["memorisation"]
+    return {**out, **quick_metrics(model)}
+
+
+def class_protocol_metrics(model: DigitsDDPM) -> dict[str, float]:
+    """The zoo's record for the class-conditional DDPM: the test bound on -log p(x | label) with the test
+    labels, `protocol_metrics`' ancestral and DDIM-50 draws (labels in the train split's proportions),
+    and the mean and SD over sampling seeds 0-2 of DDIM-20 (the sampler chosen on validation FD), with
+    stratified and with independently drawn labels."""
+    from dlearn import datasets
+    from dlearn.distributions import nats_to_bits_per_dim
+
+    x_test, y_test = datasets.digits("test")
+    nats = vlb_terms(model, x_test, torch.Generator().manual_seed(2), labels=y_test)["neg_elbo"].mean().item()
+    out = {"neg_elbo_given_label": nats, "neg_elbo_given_label_bpd": nats_to_bits_per_dim(nats, 64)}
+    q = sample_quality(generate(model, 1000, "ancestral", model.num_steps, seed=0, progress=False), "test")
+    out["fd_ancestral"], out["memorisation_ancestral"] = q["fd"], q["memorisation"]
+    for labels, suffix in (("stratified", ""), ("iid", "_iid")):
+        r = quality_over_seeds(model, "ddim", 20, seeds=(0, 1, 2), labels=labels)
+        for key in ("fd_mean", "fd_std", "memorisation_mean"):
+            out[f"ddim20{suffix}_{key}"] = r[key]
     return {**out, **quick_metrics(model)}
 
 

@@ -156,6 +156,18 @@ REGISTRY: dict[str, Entry] = {
             ("ddpm_levels_vlb", "levels", "vlb", "chapter 04's 17-level denoiser trained on the bound L_vlb"),
         )
     },
+    "ddpm_class": Entry(
+        build="dlearn.diffusion:build_ddpm",
+        recipe="dlearn.diffusion:train_ddpm",
+        evaluate="dlearn.diffusion:class_protocol_metrics",
+        description="chapter 05's class-conditional DDPM (eps, L_simple), 3000 steps; sampled with the train "
+        "split's class proportions: FD, memorisation, bound given the label; 3 seeds",
+        config={"prediction_type": "eps", "channels": (32, 64), "dropout": 0.1, "num_classes": 10},
+        recipe_kwargs={"max_steps": 3000, "eval_every": 500},
+        seeds=(0, 1, 2),
+        tolerance=0.05,
+        quick_evaluate="dlearn.diffusion:quick_metrics",
+    ),
     "vdm_eps": _vdm_entry(
         "chapter 04's comparison: vdm with plain eps-prediction instead of the 17-level denoiser", True, "eps", seeds=(0,)
     ),

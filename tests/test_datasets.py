@@ -257,3 +257,32 @@ def test_augment_digits_rejects_bad_input():
         datasets.augment_digits(x, True)
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, 8, 8\), got torch.Size\(\[350, 8, 8\]\)"):
         datasets.augment_digits(x[:, 0], 0.5)
+
+
+@pytest.mark.parametrize("n", [1, 7, 37, 450, 1000, 2001])
+def test_stratified_labels_keep_the_train_proportions(n):
+    _, y = datasets.digits("train")
+    share = torch.bincount(y, minlength=10).double() * n / len(y)
+    labels = datasets.stratified_labels(n, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(labels, minlength=10)
+    assert labels.dtype == torch.int64 and labels.shape == (n,) and counts.sum() == n
+    assert ((counts - share).abs() < 1).all()  # each class gets floor or ceil of its share
+    up, down = counts > share.floor(), counts == share.floor()
+    if up.any() and down.any():  # the classes rounded up have the largest remainders
+        rem = share - share.floor()
+        assert rem[up].min() >= rem[down].max()
+    if n == 1000:
+        assert torch.equal(counts, torch.bincount(y, minlength=10))
+    again = datasets.stratified_labels(n, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(labels, again)
+
+
+def test_stratified_labels_are_shuffled_and_reject_bad_input():
+    a = datasets.stratified_labels(1000, generator=torch.Generator().manual_seed(0))
+    b = datasets.stratified_labels(1000, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(a, b) and torch.equal(a.sort().values, b.sort().values)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            datasets.stratified_labels(bad)
+    with pytest.raises(ValueError, match="split"):
+        datasets.stratified_labels(10, "holdout")

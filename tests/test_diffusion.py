@@ -305,5 +305,83 @@ def test_quality_over_seeds_averages_sample_quality(tiny):
     assert out["fd"] == [q["fd"] for q in singles] and out["memorisation"] == [q["memorisation"] for q in singles]
     assert out["fd_mean"] == pytest.approx(sum(out["fd"]) / 2)
     assert out["fd_std"] == pytest.approx(abs(out["fd"][0] - out["fd"][1]) / math.sqrt(2))
+    from dlearn import zoo
+
+    clf = zoo.load("digits_classifier")
+    x = distributions.levels_to_unit(distributions.unit_to_levels(diffusion.generate(tiny, 64, "ddim", 3, seed=1, progress=False)))
+    assert out["class_counts"][1] == torch.bincount(metrics.predict(clf, x).argmax(1), minlength=10).tolist()
+    assert [sum(c) for c in out["class_counts"]] == [64, 64]
     with pytest.raises(ValueError, match="at least one sampling seed"):
         diffusion.quality_over_seeds(tiny, seeds=())
+
+
+@pytest.fixture(scope="module")
+def tiny_class():
+    torch.manual_seed(0)
+    return diffusion.DigitsDDPM("eps", channels=(8, 16), num_classes=10).eval()
+
+
+def test_a_class_conditional_ddpm_reads_its_labels(tiny_class, gen):
+    x, y = datasets.digits("val", form="unit")
+    t = torch.randint(0, 1000, (len(x),), generator=gen)
+    with torch.no_grad():
+        assert (tiny_class(x, t, labels=y) - tiny_class(x, t, labels=(y + 1) % 10)).abs().max() > 1e-4
+        assert torch.isfinite(diffusion.training_loss(tiny_class, x, gen, labels=y))
+        terms = diffusion.vlb_terms(tiny_class, datasets.digits("val")[0][:20], gen, stride=100, labels=y[:20])
+    assert torch.isfinite(terms["neg_elbo"]).all()
+
+
+def test_generate_samples_a_class_conditional_model_with_stratified_labels(tiny_class):
+    """Without labels, generate draws x_T and then the shuffled train-proportion labels from one generator."""
+    g = torch.Generator().manual_seed(4)
+    torch.randn((30, 1, 8, 8), generator=g)
+    labels = datasets.stratified_labels(30, "train", g)
+    default = diffusion.generate(tiny_class, 30, "ddim", 4, seed=4, progress=False)
+    assert torch.equal(default, diffusion.generate(tiny_class, 30, "ddim", 4, seed=4, progress=False, labels=labels))
+    other = diffusion.generate(tiny_class, 30, "ddim", 4, seed=4, progress=False, labels=(labels + 1) % 10)
+    assert not torch.equal(default, other)
+    anc = diffusion.generate(tiny_class, 30, "ancestral", 5, seed=4, progress=False)
+    assert anc.shape == (30, 1, 8, 8) and torch.isfinite(anc).all()
+
+
+def test_quality_over_seeds_with_independent_labels(tiny_class):
+    out = diffusion.quality_over_seeds(tiny_class, "ddim", 3, seeds=(0, 1), n=64, labels="iid")
+    freq = torch.bincount(datasets.digits("train")[1], minlength=10).double()
+    for s, fd in zip((0, 1), out["fd"], strict=True):
+        lab = torch.multinomial(freq, 64, replacement=True, generator=torch.Generator().manual_seed(s))
+        x = diffusion.generate(tiny_class, 64, "ddim", 3, seed=s, progress=False, labels=lab)
+        assert fd == diffusion.sample_quality(x)["fd"]
+    strat = diffusion.quality_over_seeds(tiny_class, "ddim", 3, seeds=(0,), n=64)
+    assert strat["fd"] == [diffusion.sample_quality(diffusion.generate(tiny_class, 64, "ddim", 3, seed=0, progress=False))["fd"]]
+
+
+def test_class_conditional_bad_input(tiny, tiny_class):
+    x = torch.zeros(3, 1, 8, 8)
+    t = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="class-conditional: pass labels"):
+        tiny_class(x, t)
+    with pytest.raises(ValueError, match=r"class-conditional \(10 classes\): pass labels of shape \(3,\)"):
+        diffusion.vlb_terms(tiny_class, torch.zeros(3, 1, 8, 8, dtype=torch.long), stride=100)
+    with pytest.raises(ValueError, match="unconditional"):
+        diffusion.generate(tiny, 3, "ddim", 2, labels=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"int64 tensor of shape \(3,\), got torch.float32"):
+        diffusion.generate(tiny_class, 3, "ddim", 2, labels=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"int64 tensor of shape \(3,\), got torch.int64 \(4,\)"):
+        diffusion.generate(tiny_class, 3, "ddim", 2, labels=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"0..9, got 0..10"):
+        diffusion.generate(tiny_class, 3, "ddim", 2, labels=torch.tensor([0, 10, 2]))
+    with pytest.raises(ValueError, match="num_classes must be None or an integer >= 2"):
+        diffusion.DigitsDDPM(num_classes=1)
+    with pytest.raises(ValueError, match="num_classes must be None or 10"):
+        diffusion.train_ddpm(max_steps=1, num_classes=9)
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        diffusion.quality_over_seeds(tiny, labels="iid")
+    with pytest.raises(ValueError, match="'stratified' or 'iid'"):
+        diffusion.quality_over_seeds(tiny_class, labels="uniform")
+
+
+def test_train_ddpm_trains_a_class_conditional_model():
+    model, result = diffusion.train_ddpm(max_steps=4, eval_every=4, channels=(8, 16), num_classes=10, progress=False)
+    assert model.num_classes == 10 and result.steps == 4
+    record = result.history[-1]
+    assert math.isfinite(record["val"]) and math.isfinite(record["val_bound"]) and 0 <= record["val_memorisation"] <= 1
