@@ -259,7 +259,8 @@ def quality_over_seeds(model: DigitsDDPM, sampler: str = "ddim", steps: int = 50
         "fd_mean", "fd_std", "memorisation_mean", "memorisation_std", the per-seed "fd" and "memorisation"
         lists, and per seed the "class_counts": how many samples the classifier reads as each digit 0..9.
     """
-    from dlearn import datasets, zoo
+    from dlearn import datasets, metrics, zoo
+    from dlearn.distributions import levels_to_unit, unit_to_levels
 
     seeds = tuple(seeds)
     if not seeds:
@@ -277,9 +278,6 @@ def quality_over_seeds(model: DigitsDDPM, sampler: str = "ddim", steps: int = 50
         freq = torch.bincount(y_train, minlength=model.num_classes).double()
         lab = torch.multinomial(freq, n, replacement=True, generator=torch.Generator().manual_seed(s))
         return generate(model, n, sampler, steps, seed=s, progress=False, labels=lab)
-
-    from dlearn import metrics
-    from dlearn.distributions import levels_to_unit, unit_to_levels
 
     runs, counts = [], []
     for s in seeds:
@@ -392,7 +390,7 @@ def protocol_metrics(model: DigitsDDPM) -> dict[str, float]:
 def class_protocol_metrics(model: DigitsDDPM) -> dict[str, float]:
     """The zoo's record for the class-conditional DDPM: the test bound on -log p(x | label) with the test
     labels, `protocol_metrics`' ancestral and DDIM-50 draws (labels in the train split's proportions),
-    and the mean and SD over sampling seeds 0-2 of DDIM-20 (the sampler chosen on validation FD), with
+    and the mean and SD over sampling seeds 0-2 of DDIM-20 (the sampler the recipe validates with), with
     stratified and with independently drawn labels."""
     from dlearn import datasets
     from dlearn.distributions import nats_to_bits_per_dim
