@@ -6,7 +6,7 @@
 `ddim`: seconds per sampling step of the book's DDIM loop (`ddim.sample`) against a loop over
 diffusers' `DDIMScheduler.step` with the same network, inputs and settings; prints both and their ratio.
 `controlnet`: seconds per training step (forward + backward) of a ControlNet on the locked base against
-fine-tuning every weight of the base (chapter 08, C12), and the memory count of `controlnet.training_memory`.
+fine-tuning every weight of the base (chapter 08, C12), and the memory count of `dlearn.studies.controlnet.training_memory`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ import statistics
 import time
 
 import torch
+
+from dlearn import ddim, nets, schedules, zoo
+from dlearn.studies import controlnet as controlnet_study
 
 
 def _diffusers_loop(net, x_T, num_steps):
@@ -32,8 +35,6 @@ def _diffusers_loop(net, x_T, num_steps):
 
 def bench_ddim(num_steps: int = 50, batch: int = 256, repeats: int = 5, seed: int = 0) -> dict[str, float]:
     """Median seconds per step of both loops, and book / diffusers."""
-    from dlearn import ddim, nets, schedules
-
     torch.manual_seed(seed)
     net = nets.ConvDenoiser(in_ch=1, out_ch=1, channels=(32, 64), emb_dim=128).eval()
     alpha_bar = schedules.alpha_bar_from_betas(schedules.linear_betas(1000))
@@ -59,10 +60,8 @@ def bench_ddim(num_steps: int = 50, batch: int = 256, repeats: int = 5, seed: in
 
 def bench_controlnet(batch: int = 64, repeats: int = 20) -> dict[str, float]:
     """Median seconds per training step (forward + backward, interleaved) and counted bytes, and their ratios."""
-    from dlearn import controlnet, zoo
-
     base = zoo.load("text2image")
-    steps = {k: controlnet.training_step(k, base, batch)[1] for k in controlnet.COST_KINDS}
+    steps = {k: controlnet_study.training_step(k, base, batch)[1] for k in controlnet_study.COST_KINDS}
     for fn in steps.values():
         fn()  # warm-up
     times = {k: [] for k in steps}
@@ -73,7 +72,7 @@ def bench_controlnet(batch: int = 64, repeats: int = 20) -> dict[str, float]:
             times[k].append(time.perf_counter() - start)
     out = {f"{k}_s_per_step": statistics.median(v) for k, v in times.items()}
     out["time_ratio_controlnet_over_finetune"] = out["controlnet_s_per_step"] / out["finetune_s_per_step"]
-    mem = {k: controlnet.training_memory(k, base, batch)["total_bytes"] for k in steps}
+    mem = {k: controlnet_study.training_memory(k, base, batch)["total_bytes"] for k in steps}
     out.update({f"{k}_training_bytes": float(v) for k, v in mem.items()})
     out["memory_ratio_controlnet_over_finetune"] = mem["controlnet"] / mem["finetune"]
     return out

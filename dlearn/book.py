@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from dlearn import results
+
 NOTEBOOK_BUDGET_S = 180
 BOOK_BUDGET_S = 20 * 60
 
@@ -72,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     import nbformat
     from nbclient.exceptions import CellExecutionError
     from tqdm import tqdm
-
-    from dlearn import results
 
     parser = argparse.ArgumentParser(prog="python -m dlearn.book", description="Execute the book's notebooks in order.")
     parser.add_argument("prefixes", nargs="*", help="run only notebooks whose names start with these")

@@ -13,7 +13,8 @@ A ControlNet adds a spatial condition (here: the mask of a digit) to a pretraine
 
 The module names follow diffusers' `ControlNetModel` (`controlnet_cond_embedding`, `controlnet_down_blocks`,
 `controlnet_mid_block`), so `to_diffusers` loads a trained `ControlNet` into diffusers' class unchanged and the
-Stable Diffusion pipelines (chapter 11) run it.
+Stable Diffusion pipelines (chapter 11) run it. The recipe of the shipped ControlNets, their evaluation (mask IoU
+under four prompt settings) and the chapter's ablations are in `dlearn.studies.controlnet`.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dlearn.text2image import DIGIT_WORDS, TextToImage, noised, tiny_unet, tokenize
+from dlearn import ddim
+from dlearn.metrics import digit_mask
+from dlearn.text2image import TextToImage, noised, tiny_unet, tokenize, training_prompts
 
 # --------------------------------------------------------------------------------------------
-# The condition: a digit's mask, and how well a generated digit follows it
+# The condition: a digit's mask
 # --------------------------------------------------------------------------------------------
 
 MASK_THRESHOLD = 8  # TB5: a pixel belongs to the digit when its grey level exceeds 8 (of 0..16)
@@ -36,21 +39,7 @@ MASK_THRESHOLD = 8  # TB5: a pixel belongs to the digit when its grey level exce
 
 def control_mask(levels: torch.Tensor) -> torch.Tensor:
     """The control image for digits given as grey levels (B, 8, 8) or (B, 64): a float mask (B, 1, 8, 8) in {0, 1}."""
-    from dlearn.metrics import digit_mask
-
     return digit_mask(levels.reshape(-1, 8, 8), MASK_THRESHOLD).float().unsqueeze(1)
-
-
-def condition_fidelity(images: torch.Tensor, controls: torch.Tensor) -> torch.Tensor:
-    """IoU (per image, shape (B,)) of generated images in [-1, 1] with their control masks: the toy's
-    analogue of the paper's ADE20K segmentation IoU. The image is thresholded like the control (level > 8)."""
-    from dlearn.distributions import unit_to_levels
-    from dlearn.metrics import iou
-
-    if images.shape[0] != controls.shape[0]:
-        raise ValueError(f"one control per image: got {controls.shape[0]} controls for {images.shape[0]} images")
-    got = control_mask(unit_to_levels(images.detach().cpu().reshape(-1, 64)))
-    return iou(got.bool(), controls.detach().cpu().reshape(got.shape).bool())
 
 
 def top_half(masks: torch.Tensor) -> torch.Tensor:
@@ -67,8 +56,11 @@ def bottom_half(masks: torch.Tensor) -> torch.Tensor:
     return out
 
 
+CONTROLS = {"mask": lambda m: m, "top": top_half, "bottom": bottom_half}
+
+
 # --------------------------------------------------------------------------------------------
-# Zero convolutions and the condition encoder
+# The ControlNet: zero convolutions, the condition encoder, the trainable copy; its training objective
 # --------------------------------------------------------------------------------------------
 
 
@@ -122,26 +114,6 @@ class ConditionEncoder(nn.Module):
         for block in self.blocks:
             h = nn.functional.silu(block(h))
         return self.conv_out(h)
-
-
-def encoder_output_size(size: int, layers: list[tuple[int, int, int]]) -> int:
-    """Spatial size after convolutions given as (kernel, stride, padding): floor((n + 2p - k) / s) + 1 each."""
-    for k, s, p in layers:
-        if size + 2 * p < k:
-            raise ValueError(f"a {k}x{k} kernel does not fit a {size}x{size} input with padding {p}")
-        size = (size + 2 * p - k) // s + 1
-    return size
-
-
-PAPER_HINT_ENCODER = [(4, 2, 1)] * 4  # the paper's text: "four convolution layers with 4x4 kernels and 2x2 strides"
-CODE_HINT_ENCODER = [(3, 1, 1), (3, 1, 1), (3, 2, 1), (3, 1, 1), (3, 2, 1), (3, 1, 1), (3, 2, 1), (3, 1, 1)]
-"""The released code's `input_hint_block`: eight 3x3 convolutions, three of them with stride 2 (16, 16, 32, 32,
-96, 96, 256 channels, then the zero convolution to the model's 320)."""
-
-
-# --------------------------------------------------------------------------------------------
-# The ControlNet
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -318,6 +290,17 @@ class ControlledModel(nn.Module):
         return controlled_eps(self.base, x_t, t, ids, res, text)
 
 
+def controlnet_loss(base: TextToImage, cn: ControlNet | None, batch, gen: torch.Generator, p_uncond: float = 0.5):
+    """The eps-loss of the controlled model (paper eq. 5), with prompts dropped with probability `p_uncond` (C10);
+    `cn=None` gives the locked base's loss on the same batch and noise."""
+    x0, labels, bits, control = batch
+    ids = tokenize(training_prompts(labels, bits, gen, p_uncond=p_uncond)).to(x0.device)
+    x_t, t, eps = noised(x0, base.alpha_bar, gen)
+    text = base.text(ids)
+    residuals = None if cn is None else cn(x_t, t, text, control)
+    return ((controlled_eps(base, x_t, t, ids, residuals, text) - eps) ** 2).mean()
+
+
 def to_diffusers(cn: ControlNet):
     """The same network as diffusers' `ControlNetModel` (weights copied; `from_unet` of the same U-Net config)."""
     from diffusers import ControlNetModel
@@ -396,8 +379,6 @@ def generate(base: TextToImage, controlnets: ControlNet | list[ControlNet] | Non
         scale: the conditioning scale, or one weight per block (skips, then the middle block; C15).
         clamp: clamp to [-1, 1] at the end (False: the raw DDIM output, to measure saturation).
     """
-    from dlearn import ddim
-
     cns = [] if controlnets is None else list(controlnets) if isinstance(controlnets, (list, tuple)) else [controlnets]
     cs = [] if controls is None else list(controls) if isinstance(controls, (list, tuple)) else [controls]
     if len(cs) != len(cns):
@@ -424,397 +405,3 @@ def generate(base: TextToImage, controlnets: ControlNet | list[ControlNet] | Non
         for m, was in modes:
             m.train(was)
     return x.clamp(-1, 1) if clamp else x
-
-
-# --------------------------------------------------------------------------------------------
-# Training (the base stays locked; only the ControlNet learns)
-# --------------------------------------------------------------------------------------------
-
-CONTROLS = {"mask": lambda m: m, "top": top_half, "bottom": bottom_half}
-
-
-def training_data(control: str = "mask", n_train: int | None = None, seed: int = 0):
-    """(images in [-1, 1], labels, attribute bits, controls) of the training split, or a random `n_train` of it."""
-    from dlearn import datasets
-    from dlearn.distributions import levels_to_unit
-    from dlearn.text2image import attribute_bits
-
-    if control not in CONTROLS:
-        raise ValueError(f"control must be one of {sorted(CONTROLS)}, got {control!r}")
-    x, y = datasets.digits("train")
-    if n_train is not None:
-        if not 1 <= n_train <= len(x):
-            raise ValueError(f"n_train must be in 1..{len(x)}, got {n_train}")
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n_train]
-        x, y = x[idx], y[idx]
-    return levels_to_unit(x), y, attribute_bits(x, y), CONTROLS[control](control_mask(x))
-
-
-def evaluation_set(n: int = 100, control: str = "mask"):
-    """A fixed set for condition fidelity: the first `n` validation digits, their masks, classes and captions."""
-    from dlearn import datasets
-    from dlearn.text2image import caption
-
-    x, y = datasets.digits("val")
-    x, y = x[:n], y[:n]
-    return CONTROLS[control](control_mask(x)), y, caption(x, y)
-
-
-def controlnet_loss(base: TextToImage, cn: ControlNet | None, batch, gen: torch.Generator, p_uncond: float = 0.5):
-    """The eps-loss of the controlled model (paper eq. 5), with prompts dropped with probability `p_uncond` (C10);
-    `cn=None` gives the locked base's loss on the same batch and noise."""
-    from dlearn.text2image import training_prompts
-
-    x0, labels, bits, control = batch
-    ids = tokenize(training_prompts(labels, bits, gen, p_uncond=p_uncond)).to(x0.device)
-    x_t, t, eps = noised(x0, base.alpha_bar, gen)
-    text = base.text(ids)
-    residuals = None if cn is None else cn(x_t, t, text, control)
-    return ((controlled_eps(base, x_t, t, ids, residuals, text) - eps) ** 2).mean()
-
-
-PROMPT_SETTINGS = ("none", "insufficient", "conflicting", "perfect")
-
-
-def prompts_for(setting: str, labels: torch.Tensor, captions: list[str]) -> list[str]:
-    """The paper's four prompt settings (C19) for the toy: "none" (empty), "insufficient" (the caption without the
-    digit word, e.g. "a thick"), "conflicting" (another digit: class + 5 mod 10), "perfect" (the full caption)."""
-    if setting == "none":
-        return [""] * len(labels)
-    if setting == "perfect":
-        return list(captions)
-    if setting == "insufficient":
-        return [" ".join(w for w in c.split() if w not in DIGIT_WORDS) for c in captions]
-    if setting == "conflicting":
-        return [f"a {DIGIT_WORDS[(int(c) + 5) % 10]}" for c in labels]
-    raise ValueError(f"setting must be one of {PROMPT_SETTINGS}, got {setting!r}")
-
-
-def conflicting_classes(labels: torch.Tensor) -> torch.Tensor:
-    """The class named by the "conflicting" prompt."""
-    return (labels + 5) % 10
-
-
-def evaluate(base: TextToImage, cn, n: int = 100, control: str = "mask", steps: int = 20, guidance_scale: float = 1.0,
-             settings=PROMPT_SETTINGS, classifier=None) -> dict[str, float]:  # fmt: skip
-    """Condition fidelity (mean IoU), class accuracy (of the mask's class; for "conflicting" also of the prompt's
-    class) and FD to the test split, for each prompt setting on the fixed evaluation set (C19)."""
-    from dlearn import datasets, metrics, zoo
-    from dlearn.distributions import levels_to_unit, unit_to_levels
-
-    clf = zoo.load("digits_classifier") if classifier is None else classifier
-    masks, labels, captions = evaluation_set(n, control)
-    test_feats = metrics.features(clf, datasets.digits("test", form="unit")[0])
-    out = {}
-    for s in settings:
-        imgs = generate(base, cn, masks if cn is not None else None, prompts_for(s, labels, captions), guidance_scale,
-                        steps, seed=2)  # fmt: skip
-        x = levels_to_unit(unit_to_levels(imgs))
-        pred = metrics.predict(clf, x)
-        out[f"iou_{s}"] = condition_fidelity(imgs, masks).mean().item()
-        out[f"class_accuracy_{s}"] = metrics.accuracy(pred, labels)
-        if s == "conflicting":
-            out["prompt_class_accuracy_conflicting"] = metrics.accuracy(pred, conflicting_classes(labels))
-        out[f"fd_{s}"] = metrics.frechet_distance(metrics.features(clf, x), test_feats)
-    return out
-
-
-def train_controlnet(seed: int = 0, max_steps: int = 1500, variant: str = "full", init: str = "zero",
-                     control: str = "mask", p_uncond: float = 0.5, n_train: int | None = None, lr: float = 1e-3,
-                     batch_size: int = 64, eval_every: int = 25, base: TextToImage | None = None,
-                     progress: bool | None = None):  # fmt: skip
-    """The zoo's recipe: a ControlNet on the shipped `text2image` base (locked), AdamW at constant `lr`, no EMA
-    (so the learning curve is the raw one). At step 0 and every `eval_every` steps it logs the condition fidelity
-    (mean IoU) of 100 validation masks with no prompt (DDIM-10, w = 1), and keeps the best.
-
-    Returns:
-        the ControlNet (eval mode) and the `TrainResult`; every history record also holds the IoU with the perfect
-        prompt ("iou_prompt") and the class accuracy of the no-prompt and perfect-prompt samples.
-    """
-    from dlearn import metrics, zoo
-    from dlearn.distributions import levels_to_unit, unit_to_levels
-    from dlearn.train import TrainConfig, fit
-
-    base = zoo.load("text2image") if base is None else base.requires_grad_(False).eval()
-    cn = ControlNet.from_unet(base.unet, variant=variant, init=init, seed=seed, control=control)
-    data = training_data(control, n_train, seed)
-    masks, labels, captions = evaluation_set(100, control)
-    clf = zoo.load("digits_classifier")
-    extra = []
-
-    def acc(imgs):
-        return metrics.accuracy(metrics.predict(clf, levels_to_unit(unit_to_levels(imgs))), labels)
-
-    def val_fn(m):
-        none = generate(base, m, masks, [""] * len(masks), steps=10, seed=1)
-        perfect = generate(base, m, masks, captions, steps=10, seed=1)
-        extra.append({"iou_prompt": condition_fidelity(perfect, masks).mean().item(),
-                      "class_accuracy_none": acc(none), "class_accuracy_prompt": acc(perfect)})  # fmt: skip
-        return condition_fidelity(none, masks).mean().item()
-
-    with torch.no_grad():  # step 0: the loss and fidelity of the untrained ControlNet on the base
-        step0 = {"step": 0, "val": val_fn(cn.eval())}
-        g = torch.Generator().manual_seed(seed)
-        batch = tuple(d[torch.randint(len(data[0]), (256,), generator=g)] for d in data)
-        step0["loss"] = controlnet_loss(base, cn, batch, torch.Generator().manual_seed(seed), p_uncond).item()
-        step0["base_loss"] = controlnet_loss(base, None, batch, torch.Generator().manual_seed(seed), p_uncond).item()
-    cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
-                      higher_is_better=True, progress=progress)  # fmt: skip
-    result = fit(cn, lambda m, b, g: controlnet_loss(base, m, b, g, p_uncond), data, cfg, val_fn=val_fn)
-    result.history.insert(0, step0)
-    for record, more in zip(result.history, extra, strict=True):
-        record.update(more)
-    return cn.eval(), result
-
-
-def transition(steps: list[int], values: list[float], tail: int = 5) -> dict[str, float]:
-    """Where a learning curve rises (C11): from its first value to the mean of its last `tail` values, the first
-    steps at which it crosses 10%, 50% and 90% of the way, and the 10-90% width.
-
-    A "sudden convergence" is a rise whose width is small against the step where it happens."""
-    if len(steps) != len(values) or len(values) < tail + 1:
-        raise ValueError(f"need matching steps and values, more than {tail}; got {len(steps)} and {len(values)}")
-    start, end = values[0], sum(values[-tail:]) / tail
-    if end <= start:
-        raise ValueError(f"the curve does not rise: first value {start:.4g}, final level {end:.4g}")
-
-    def crossing(frac):
-        level = start + frac * (end - start)
-        return next(s for s, v in zip(steps, values, strict=True) if v >= level)
-
-    out = {"start": start, "end": end, "step_10": crossing(0.1), "step_50": crossing(0.5), "step_90": crossing(0.9)}
-    out["width_10_90"] = out["step_90"] - out["step_10"]
-    return out
-
-
-def protocol_metrics(cn: ControlNet) -> dict[str, float]:
-    """What the zoo records for a shipped ControlNet: `evaluate` on its control at w = 1 (DDIM-20), and the base's
-    IoU on the same masks with the perfect prompt (no control)."""
-    from dlearn import zoo
-
-    base = zoo.load("text2image")
-    out = evaluate(base, cn, control=cn.control)
-    out["base_iou_perfect"] = evaluate(base, None, control=cn.control, settings=("perfect",))["iou_perfect"]
-    return out
-
-
-def quick_metrics(cn: ControlNet) -> dict[str, float]:
-    """The "none" and "perfect" rows of `protocol_metrics` (the test suite re-measures these)."""
-    from dlearn import zoo
-
-    return evaluate(zoo.load("text2image"), cn, control=cn.control, settings=("none", "perfect"))
-
-
-# --------------------------------------------------------------------------------------------
-# The alternative ControlNet avoids (C2): fine-tune the whole base with the mask as a second input channel
-# --------------------------------------------------------------------------------------------
-
-
-class MaskChannelModel(nn.Module):
-    """A copy of the base whose U-Net takes the mask as a second input channel (its new input weights start at 0,
-    so at initialisation it equals the base); every parameter is trainable."""
-
-    def __init__(self, base: TextToImage):
-        super().__init__()
-        self.model = copy.deepcopy(base).requires_grad_(True)
-        old = self.model.unet.conv_in
-        new = nn.Conv2d(2, old.out_channels, old.kernel_size, padding=old.padding)
-        with torch.no_grad():
-            new.weight.zero_()
-            new.weight[:, :1] = old.weight
-            new.bias.copy_(old.bias)
-        self.model.unet.conv_in = new
-        self.alpha_bar = self.model.alpha_bar
-
-    def forward(self, x_t, t, ids, control):
-        return self.model(torch.cat([x_t, control], 1), t, ids)
-
-
-def _mask_channel_loss(model: MaskChannelModel, batch, gen: torch.Generator, p_uncond: float) -> torch.Tensor:
-    """`controlnet_loss` for the whole-model alternative: the same prompts, noise and time steps, mask as input."""
-    from dlearn.text2image import training_prompts
-
-    x0, labels, bits, control = batch
-    ids = tokenize(training_prompts(labels, bits, gen, p_uncond=p_uncond)).to(x0.device)
-    x_t, t, eps = noised(x0, model.alpha_bar, gen)
-    return ((model(x_t, t, ids, control) - eps) ** 2).mean()
-
-
-@torch.no_grad()
-def fixed_loss(loss_fn, data, seed: int = 0, repeats: int = 4) -> float:
-    """The loss on every pair of `data`, `repeats` times, with noise and time steps fixed by `seed`."""
-    g = torch.Generator().manual_seed(seed)
-    return sum(loss_fn(data, g).item() for _ in range(repeats)) / repeats
-
-
-def finetune_with_mask_channel(seed: int = 0, n_pairs: int = 200, max_steps: int = 1500, lr: float = 1e-3,
-                               eval_every: int = 250, base: TextToImage | None = None, progress: bool | None = None):  # fmt: skip
-    """C2: train *every* parameter of a copy of the base (text encoder and U-Net, mask as an extra input channel) on
-    `n_pairs` training pairs. Logs the loss on those pairs and on as many held-out pairs (validation split), and the
-    FD to the test split of prompt-only samples (mask channel all 0: the base's own task).
-
-    Returns:
-        the fine-tuned `MaskChannelModel` and the history (list of dicts).
-    """
-    from dlearn import datasets, metrics, zoo
-    from dlearn.distributions import levels_to_unit, unit_to_levels
-    from dlearn.text2image import attribute_bits, evaluation_prompts
-    from dlearn.train import TrainConfig, fit
-
-    base = zoo.load("text2image") if base is None else base
-    train = training_data("mask", n_pairs, seed)
-    xv, yv = datasets.digits("val")
-    held = (levels_to_unit(xv[:n_pairs]), yv[:n_pairs], attribute_bits(xv[:n_pairs], yv[:n_pairs]),
-            control_mask(xv[:n_pairs]))  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MaskChannelModel(base)
-    clf = zoo.load("digits_classifier")
-    test_feats = metrics.features(clf, datasets.digits("test", form="unit")[0])
-    prompts, _, _ = evaluation_prompts(per_prompt=3)
-    history = []
-
-    def prompt_only_fd(m):
-        wrapped = _ZeroMask(m)
-        from dlearn.text2image import generate as t2i_generate
-
-        imgs = t2i_generate(wrapped, prompts, 1.0, steps=20, seed=3)
-        return metrics.frechet_distance(metrics.features(clf, levels_to_unit(unit_to_levels(imgs))), test_feats)
-
-    def val_fn(m):
-        loss = lambda d, g: _mask_channel_loss(m, d, g, 0.5)  # noqa: E731
-        history.append({"train_pairs_loss": fixed_loss(loss, train), "held_out_loss": fixed_loss(loss, held),
-                        "prompt_only_fd": prompt_only_fd(m)})  # fmt: skip
-        return history[-1]["held_out_loss"]
-
-    model.eval()
-    start = {"step": 0, **{}}
-    val_fn(model)
-    start.update(history.pop())
-    cfg = TrainConfig(max_steps=max_steps, batch_size=64, lr=lr, eval_every=eval_every, seed=seed, progress=progress)
-    result = fit(model, lambda m, b, g: _mask_channel_loss(m, b, g, 0.5), train, cfg, val_fn=val_fn)
-    records = [start] + [{"step": r["step"], **h} for r, h in zip(result.history, history, strict=True)]
-    return model, records
-
-
-class _ZeroMask(nn.Module):
-    """A `MaskChannelModel` seen as a prompt-only model (mask channel all 0), for `text2image.generate`."""
-
-    def __init__(self, m: MaskChannelModel):
-        super().__init__()
-        self.m, self.alpha_bar = m, m.alpha_bar
-
-    def forward(self, x_t, t, ids):
-        return self.m(x_t, t, ids, torch.zeros_like(x_t))
-
-
-# --------------------------------------------------------------------------------------------
-# Cost of a training step (C12): ControlNet vs fine-tuning the whole base
-# --------------------------------------------------------------------------------------------
-
-COST_KINDS = ("controlnet", "finetune")
-
-
-def training_step(kind: str, base: TextToImage, batch_size: int = 64, seed: int = 0):
-    """(trainable module, a function running one forward + backward of its training loss) for `kind`:
-    "controlnet" (locked base + ControlNet) or "finetune" (every weight of the base, mask as an input channel)."""
-    if kind not in COST_KINDS:
-        raise ValueError(f"kind must be one of {COST_KINDS}, got {kind!r}")
-    data = training_data("mask", batch_size, seed)
-    if kind == "controlnet":
-        module = ControlNet.from_unet(base.unet)
-        loss = lambda g: controlnet_loss(base, module, data, g)  # noqa: E731
-    else:
-        module = MaskChannelModel(base)
-        loss = lambda g: _mask_channel_loss(module, data, g, 0.5)  # noqa: E731
-
-    def step():
-        module.zero_grad(set_to_none=True)
-        loss(torch.Generator().manual_seed(seed)).backward()
-
-    return module, step
-
-
-def training_memory(kind: str, base: TextToImage, batch_size: int = 64) -> dict[str, int]:
-    """Bytes a training step needs beyond the weights themselves: gradients and AdamW's two moments of every
-    trainable parameter, and the activations autograd saves for the backward pass (counted with
-    `torch.autograd.graph.saved_tensors_hooks`, each storage once, parameters excluded). A count, not a
-    measurement of the allocator, so it is exact and the same on every machine."""
-    module, step = training_step(kind, base, batch_size)
-    params = {p.untyped_storage().data_ptr() for p in [*module.parameters(), *base.parameters()]}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-    out = {"trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
-           "grad_and_adam_bytes": 3 * trainable, "saved_activation_bytes": sum(seen.values())}  # fmt: skip
-    out["total_bytes"] = out["grad_and_adam_bytes"] + out["saved_activation_bytes"]
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The chapter's study: ablations and robustness, run once by a recipe and shipped as JSON
-# --------------------------------------------------------------------------------------------
-
-STUDY_PATH = "weights/controlnet_study.json"  # relative to the package
-STUDY_STEPS = 600
-STUDY_JOBS = {
-    **{f"{v}_{i}_seed{s}": {"variant": v, "init": i, "seed": s}
-       for v, i in (("full", "zero"), ("full", "gaussian"), ("lite", "zero")) for s in (0, 1, 2)},
-    "p_uncond0_seed0": {"p_uncond": 0.0},
-    "n50_seed0": {"n_train": 50},
-    "n500_seed0": {"n_train": 500},
-    "finetune_mask_channel": {},
-}  # fmt: skip
-"""Every run of chapter 08's study (600 steps each, evaluation every 50): the init and variant ablations over three
-seeds (C17, C18), prompt dropout 0 vs the default 0.5 (C10), 50 and 500 training pairs (C20), and the whole-model
-fine-tune with the mask as an input channel (C2)."""
-
-
-def run_study_job(name: str, base: TextToImage | None = None, steps: int = STUDY_STEPS) -> dict:
-    """One run of the study: its learning curve and its final `evaluate` table (or, for the fine-tune, its curve)."""
-    import time
-
-    from dlearn import zoo
-
-    if name not in STUDY_JOBS:
-        raise ValueError(f"no study job {name!r}; known: {sorted(STUDY_JOBS)}")
-    base = zoo.load("text2image") if base is None else base
-    start = time.perf_counter()
-    if name == "finetune_mask_channel":
-        _, history = finetune_with_mask_channel(max_steps=steps * 2, eval_every=steps // 3, base=base)
-        return {"history": history, "seconds": round(time.perf_counter() - start, 1)}
-    kwargs = {"seed": 0, **STUDY_JOBS[name]}
-    cn, result = train_controlnet(max_steps=steps, eval_every=50, base=base, **kwargs)
-    return {"config": kwargs, "history": result.history, "final": evaluate(base, cn),
-            "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
-
-
-def load_study(path=None) -> dict:
-    """The shipped study results ({job: result}); `python -m dlearn.controlnet study` recreates them."""
-    from pathlib import Path
-
-    from dlearn import results
-
-    return results.load_study(Path(__file__).parent / STUDY_PATH if path is None else path, "python -m dlearn.controlnet study")
-
-
-def main(argv: list[str] | None = None) -> None:
-    from pathlib import Path
-
-    from dlearn import results
-
-    results.study_cli(
-        argv, "python -m dlearn.controlnet", "chapter 08's study", STUDY_JOBS, run_study_job, Path(__file__).parent / STUDY_PATH
-    )
-
-
-if __name__ == "__main__":
-    main()

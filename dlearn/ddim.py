@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from dlearn.ddpm import predict_x0_eps
+from dlearn.schedules import inference_timesteps
+from dlearn.train import show_progress
 
 
 def previous_timestep(timestep: int, num_train_steps: int, num_inference_steps: int) -> int:
@@ -116,9 +118,6 @@ def sample(
         x_0, or (x_0, trajectory (steps + 1, B, ...)) with `return_trajectory`.
     """
     from tqdm.auto import tqdm
-
-    from dlearn.schedules import inference_timesteps
-    from dlearn.train import show_progress
 
     num_train = len(alpha_bar)
     x = x_T

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from dlearn.train import show_progress
+
 PREDICTION_TYPES = ("eps", "x0", "v")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
@@ -171,8 +173,6 @@ def sample(
         x_0, or (x_0, trajectory of shape (steps + 1, B, ...)) with `return_trajectory`.
     """
     from tqdm.auto import tqdm
-
-    from dlearn.train import show_progress
 
     if timesteps is None:
         timesteps = torch.arange(len(alpha_bar) - 1, -1, -1)

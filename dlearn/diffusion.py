@@ -2,8 +2,9 @@
 
 The mathematics lives in `ddpm` (forward process, posterior, ancestral step) and `ddim`; this module
 puts them to work on the 8x8 digits: `DigitsDDPM` (a conv denoiser with a fixed schedule),
-`training_loss`, `vlb_terms` (the bound of Ho et al. 2020, Eq. 5), `generate` (ancestral or DDIM),
-`sample_quality` (Frechet distance with memorisation) and the zoo's recipe `train_ddpm`.
+`training_loss`, `vlb_terms` (the bound of Ho et al. 2020, Eq. 5) and `generate` (ancestral or DDIM).
+The recipe of the shipped DDPMs and the scores of their samples (`sample_quality`, Frechet distance
+with memorisation) are in `dlearn.studies.diffusion`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dlearn import datasets, ddim
+from dlearn.datasets import AUGMENT_LABELS
 from dlearn.ddpm import PREDICTION_TYPES, append_dims, predict_x0_eps, q_sample, sample, velocity
+from dlearn.distributions import levels_to_unit, log_discretized_gaussian, unit_to_levels
+from dlearn.nets import ConvDenoiser
+from dlearn.schedules import alpha_bar_from_betas, make_betas
+from dlearn.vdm import prior_matching_kl, x0_loss_weight
 
 LOSS_WEIGHTINGS = ("simple", "vlb")
 
@@ -20,7 +27,7 @@ class DigitsDDPM(nn.Module):
     """A DDPM for the 8x8 digits: `nets.ConvDenoiser` plus a fixed schedule and a prediction type.
 
     The schedule is a buffer (saved with the weights, never trained: the forward process has no
-    parameters, CONCEPTS D4). `forward(x_t, t)` is the network's output, read as eps, x0 or v by
+    parameters). `forward(x_t, t)` is the network's output, read as eps, x0 or v by
     `output_type`; `eps_x0(x_t, t)` turns it into both.
 
     "levels" is chapter 04's parameterisation in discrete time: the net gives 17 logits per pixel, the
@@ -43,10 +50,6 @@ class DigitsDDPM(nn.Module):
                  channels=(32, 64), dropout: float = 0.1, augment: bool = False,
                  num_classes: int | None = None):  # fmt: skip
         super().__init__()
-        from dlearn.datasets import AUGMENT_LABELS
-        from dlearn.nets import ConvDenoiser
-        from dlearn.schedules import alpha_bar_from_betas, make_betas
-
         if prediction_type not in (*PREDICTION_TYPES, "levels"):
             raise ValueError(f"prediction_type must be one of {(*PREDICTION_TYPES, 'levels')}, got {prediction_type!r}")
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
@@ -115,9 +118,6 @@ def _decoder_logvar(alpha_bar: torch.Tensor) -> torch.Tensor:
 
 def _vlb_terms_at(model, x0, t, x_t, eps, out) -> torch.Tensor:
     """L_t per image (nats) at integer steps t: KL terms for t >= 1, the decoder term -log p(x_0 | x_1) at t = 0."""
-    from dlearn.distributions import log_discretized_gaussian, unit_to_levels
-    from dlearn.vdm import x0_loss_weight
-
     a_t = model.alpha_bar[t]
     x0_hat, _ = predict_x0_eps(x_t, out, a_t, model.output_type)
     terms = torch.zeros(x0.shape[0], dtype=x0_hat.dtype, device=x0.device)
@@ -147,9 +147,6 @@ def vlb_terms(model: DigitsDDPM, x_levels: torch.Tensor, generator: torch.Genera
     Returns:
         per-image tensors "prior" (L_T), "diffusion" (the KL sum), "reconstruction" (L_0), "neg_elbo".
     """
-    from dlearn.distributions import levels_to_unit
-    from dlearn.vdm import prior_matching_kl
-
     if not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
     dev = model.alpha_bar.device
@@ -204,8 +201,6 @@ def generate(model: DigitsDDPM, n: int, sampler: str = "ddim", steps: int = 50, 
     A class-conditional model samples p(x | labels); without `labels` it samples the marginal p(x) with
     labels in the train split's proportions, shuffled by `seed` (`datasets.stratified_labels`).
     """
-    from dlearn import datasets, ddim
-
     g = torch.Generator().manual_seed(seed)
     dev = model.alpha_bar.device
     x_T = torch.randn((n, 1, 8, 8), generator=g).to(dev)
@@ -227,185 +222,7 @@ def generate(model: DigitsDDPM, n: int, sampler: str = "ddim", steps: int = 50, 
         model.train(was_training)
 
 
-def sample_quality(samples: torch.Tensor, reference: str = "test", classifier=None) -> dict[str, float]:
-    """Frechet distance of samples (quantised to the 17 levels) to a split in the digits classifier's
-    features, and the memorisation share (`metrics.memorisation`) against the train split."""
-    from dlearn import datasets, metrics, zoo
-    from dlearn.distributions import levels_to_unit, unit_to_levels
-
-    clf = classifier if classifier is not None else zoo.load("digits_classifier")
-    x = levels_to_unit(unit_to_levels(samples.detach().cpu()))
-    ref, _ = datasets.digits(reference, form="unit")
-    train, _ = datasets.digits("train", form="unit")
-    test, _ = datasets.digits("test", form="unit")
-    return {
-        "fd": metrics.frechet_distance(metrics.features(clf, x), metrics.features(clf, ref)),
-        "memorisation": metrics.memorisation(x, train, test),
-    }
-
-
-def quality_over_seeds(model: DigitsDDPM, sampler: str = "ddim", steps: int = 50, seeds=(0, 1, 2), n: int = 1000,
-                       classifier=None, labels: str = "stratified") -> dict[str, float]:  # fmt: skip
-    """`sample_quality` of n samples for each sampling seed, with the mean and standard deviation over seeds.
-
-    The Frechet distance of 1000 samples moves by a few tenths from one sampling seed to the next (the
-    447 test digits stay fixed): compare models and samplers on the mean over seeds, not on one draw.
-
-    `labels`, for a class-conditional model: "stratified" (the train split's class counts exactly,
-    `generate`'s default) or "iid" (each label drawn independently with the train split's frequencies,
-    so the class counts vary from seed to seed as an unconditional model's do).
-
-    Returns:
-        "fd_mean", "fd_std", "memorisation_mean", "memorisation_std", the per-seed "fd" and "memorisation"
-        lists, and per seed the "class_counts": how many samples the classifier reads as each digit 0..9.
-    """
-    from dlearn import datasets, metrics, zoo
-    from dlearn.distributions import levels_to_unit, unit_to_levels
-
-    seeds = tuple(seeds)
-    if not seeds:
-        raise ValueError("seeds must name at least one sampling seed")
-    if labels not in ("stratified", "iid"):
-        raise ValueError(f"labels must be 'stratified' or 'iid', got {labels!r}")
-    if labels == "iid" and model.num_classes is None:
-        raise ValueError("labels='iid' needs a class-conditional model; this DDPM is unconditional")
-    clf = classifier if classifier is not None else zoo.load("digits_classifier")
-
-    def draw(s):
-        if labels == "stratified":
-            return generate(model, n, sampler, steps, seed=s, progress=False)
-        _, y_train = datasets.digits("train")
-        freq = torch.bincount(y_train, minlength=model.num_classes).double()
-        lab = torch.multinomial(freq, n, replacement=True, generator=torch.Generator().manual_seed(s))
-        return generate(model, n, sampler, steps, seed=s, progress=False, labels=lab)
-
-    runs, counts = [], []
-    for s in seeds:
-        x = draw(s)
-        runs.append(sample_quality(x, "test", clf))
-        classes = metrics.predict(clf, levels_to_unit(unit_to_levels(x.detach().cpu()))).argmax(1)
-        counts.append(torch.bincount(classes, minlength=10).tolist())
-    out: dict = {"class_counts": counts}
-    for key in ("fd", "memorisation"):
-        values = torch.tensor([r[key] for r in runs], dtype=torch.float64)
-        out[key] = values.tolist()
-        out[f"{key}_mean"] = values.mean().item()
-        out[f"{key}_std"] = values.std().item() if len(seeds) > 1 else 0.0
-    return out
-
-
 def build_ddpm(prediction_type: str = "eps", schedule: str = "linear", channels=(32, 64), dropout: float = 0.1,
                augment: bool = False, num_classes: int | None = None) -> DigitsDDPM:  # fmt: skip
     """The zoo's constructor (T = 1000)."""
     return DigitsDDPM(prediction_type, schedule, 1000, channels, dropout, augment, num_classes)
-
-
-def train_ddpm(
-    seed: int = 0,
-    max_steps: int = 6000,
-    prediction_type: str = "eps",
-    weighting: str = "simple",
-    schedule: str = "linear",
-    channels=(32, 64),
-    dropout: float = 0.1,
-    lr: float = 2e-3,
-    eval_every: int = 1000,
-    augment: bool = False,
-    augment_p: float = 0.5,
-    num_classes: int | None = None,
-    progress: bool | None = None,
-):
-    """A recipe for the digits DDPM: AdamW, cosine decay, weight average (EMA 0.999), batch 128.
-
-    Every `eval_every` steps it measures, on the validation split, the Frechet distance of 500 DDIM-20
-    samples (the selection metric: the best-FD weights are returned), their memorisation (threshold from
-    the validation digits) and the bound (stride 10); the history keeps them as "val",
-    "val_memorisation" and "val_bound", to show that they need not agree.
-
-    `augment`: train on `datasets.augment_digits` (a share `augment_p` of each batch transformed, the
-    labels given to the denoiser); samples and bounds are always of the untransformed digits.
-
-    `num_classes` (10): a class-conditional DDPM trained on (digit, label) pairs. Its validation samples
-    have labels in the train split's proportions (`generate`) and its "val_bound" is the bound on
-    -log p(x | label) with the validation labels.
-    """
-    from dlearn import datasets, zoo
-    from dlearn.train import TrainConfig, fit
-
-    x_train, y_train = datasets.digits("train", form="unit")
-    x_val, y_val = datasets.digits("val")
-    if num_classes is not None and num_classes != 10:
-        raise ValueError(f"the digits have 10 classes: num_classes must be None or 10, got {num_classes!r}")
-    conditional = num_classes is not None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_ddpm(prediction_type, schedule, channels, dropout, augment, num_classes)
-    clf = zoo.load("digits_classifier")
-    extra = []
-
-    from dlearn import metrics
-    from dlearn.distributions import levels_to_unit, unit_to_levels
-
-    x_val_unit = levels_to_unit(x_val)
-
-    def val_fn(m):
-        g = torch.Generator().manual_seed(1)
-        samples = generate(m, 500, "ddim", 20, seed=1, progress=False)
-        extra.append({
-            "val_bound": vlb_terms(m, x_val, g, stride=10, labels=y_val if conditional else None)["neg_elbo"].mean().item(),
-            "val_memorisation": metrics.memorisation(levels_to_unit(unit_to_levels(samples.cpu())), x_train, x_val_unit),
-        })  # fmt: skip
-        return sample_quality(samples, "val", clf)["fd"]
-
-    def loss_fn(m, batch, gen):
-        classes = batch[1] if conditional else None
-        if not augment:
-            return training_loss(m, batch[0], gen, weighting, labels=classes)
-        x, labels = datasets.augment_digits(batch[0], augment_p, gen)
-        return training_loss(m, x, gen, weighting, aug=labels, labels=classes)
-
-    cfg = TrainConfig(max_steps=max_steps, batch_size=128, lr=lr, lr_schedule="cosine", ema=0.999,
-                      eval_every=eval_every, seed=seed, progress=progress)  # fmt: skip
-    result = fit(model, loss_fn, (x_train, y_train) if conditional else (x_train,), cfg, val_fn=val_fn)
-    for record, more in zip(result.history, extra, strict=False):  # a resumed run lacks them for earlier records
-        record.update(more)
-    return model.eval(), result
-
-
-def protocol_metrics(model: DigitsDDPM) -> dict[str, float]:
-    """The zoo's record: the test bound (nats, bits/dim; every step, one noise draw per image and step) and,
-    for 1000 samples of each sampler (ancestral T = 1000; DDIM 50), the Frechet distance to the test
-    split and the memorisation share.
-
-    For a class-conditional model the bound is on -log p(x | label) with the test labels, recorded as
-    "neg_elbo_given_label" (and "_bpd"), and the samples have labels in the train split's proportions."""
-    from dlearn import datasets
-    from dlearn.distributions import nats_to_bits_per_dim
-
-    x_test, y_test = datasets.digits("test")
-    conditional = model.num_classes is not None
-    labels = y_test if conditional else None
-    nats = vlb_terms(model, x_test, torch.Generator().manual_seed(2), labels=labels)["neg_elbo"].mean().item()
-    key = "neg_elbo_given_label" if conditional else "neg_elbo"
-    out = {key: nats, f"{key}_bpd": nats_to_bits_per_dim(nats, 64)}
-    q = sample_quality(generate(model, 1000, "ancestral", model.num_steps, seed=0, progress=False), "test")
-    out["fd_ancestral"], out["memorisation_ancestral"] = q["fd"], q["memorisation"]
-    return {**out, **quick_metrics(model)}
-
-
-def class_protocol_metrics(model: DigitsDDPM) -> dict[str, float]:
-    """The zoo's record for the class-conditional DDPM: `protocol_metrics` (its bound given the label), and
-    the mean and SD over sampling seeds 0-2 of DDIM-20 (the sampler the recipe validates with), with
-    stratified and with independently drawn labels."""
-    out = protocol_metrics(model)
-    for labels, suffix in (("stratified", ""), ("iid", "_iid")):
-        r = quality_over_seeds(model, "ddim", 20, seeds=(0, 1, 2), labels=labels)
-        for key in ("fd_mean", "fd_std", "memorisation_mean"):
-            out[f"ddim20{suffix}_{key}"] = r[key]
-    return out
-
-
-def quick_metrics(model: DigitsDDPM) -> dict[str, float]:
-    """The part of `protocol_metrics` that takes seconds: FD and memorisation of 1000 DDIM-50 samples."""
-    q = sample_quality(generate(model, 1000, "ddim", 50, seed=0, progress=False), "test")
-    return {"fd_ddim50": q["fd"], "memorisation_ddim50": q["memorisation"]}

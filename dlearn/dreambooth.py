@@ -17,6 +17,9 @@ spare words ("sks", ...). Measures (the papers' DINO / CLIP-I / CLIP-T, PRES and
 - prompt fidelity: the classifier's probability of the prompted class;
 - PRES (language drift): subject fidelity of samples of the *class* prompt, which should stay low;
 - DIV: mean pairwise feature distance (1 - cosine) between samples of the subject prompt.
+
+The zoo's recipe (`train_dreambooth`), what a fine-tuned model is measured on (`final_metrics`) and the chapter's
+study runs are in `dlearn.studies.dreambooth`.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
+from dlearn import datasets, metrics
 from dlearn.text2image import DIGIT_WORDS, SPARE_WORDS, TOKEN_ID, VOCAB, TextToImage, generate, noised, tokenize
+from dlearn.train import show_progress
 
 IDENTIFIER = "sks"
 
@@ -83,11 +89,9 @@ def style_clusters(label: int, k: int = 6, seed: int = 0, classifier=None):
     """
     from sklearn.cluster import KMeans
 
-    from dlearn import datasets, metrics, zoo
-
     if label not in range(10):
         raise ValueError(f"label must be a digit 0..9, got {label!r}")
-    clf = zoo.load("digits_classifier") if classifier is None else classifier
+    clf = metrics.shipped_classifier() if classifier is None else classifier
     x, y = datasets.digits("train", form="unit")
     x = x[y == label]
     km = KMeans(k, n_init=10, random_state=seed).fit(metrics.features(clf, x).double().numpy())
@@ -106,13 +110,9 @@ def make_subject(label: int = 3, n_images: int = 5, cluster: str | int = "distin
         n_images: how many go into `images` (the ones nearest the cluster centre). `held_out` is the rest beyond
             the fifth, whatever `n_images`, so that runs with 1..5 images are measured on the same images.
     """
-    import numpy as np
-
-    from dlearn import datasets, metrics, zoo
-
     if not 1 <= n_images <= 5:
         raise ValueError(f"n_images must be 1..5 (DreamBooth uses 3-5), got {n_images}")
-    clf = zoo.load("digits_classifier") if classifier is None else classifier
+    clf = metrics.shipped_classifier() if classifier is None else classifier
     km, _, train_ids = style_clusters(label, k, seed, clf)
     xs, ys = zip(*(datasets.digits(s, form="unit") for s in ("val", "test")), strict=True)
     x = torch.cat(xs)[torch.cat(ys) == label]
@@ -143,16 +143,12 @@ def make_subject(label: int = 3, n_images: int = 5, cluster: str | int = "distin
 
 
 def _features(x: torch.Tensor, classifier=None) -> torch.Tensor:
-    from dlearn import metrics, zoo
-
-    clf = zoo.load("digits_classifier") if classifier is None else classifier
+    clf = metrics.shipped_classifier() if classifier is None else classifier
     return metrics.features(clf, x.detach().cpu().float()).double()
 
 
 def class_centre(label: int, classifier=None) -> torch.Tensor:
     """The mean classifier feature of the training digits of class `label` (64,)."""
-    from dlearn import datasets
-
     x, y = datasets.digits("train", form="unit")
     return _features(x[y == label], classifier).mean(0)
 
@@ -195,9 +191,7 @@ def diversity(images: torch.Tensor, classifier=None, centre: torch.Tensor | None
 
 def prompt_fidelity(images: torch.Tensor, label: int, classifier=None) -> float:
     """CLIP-T analogue: the classifier's mean probability of the prompted class."""
-    from dlearn import metrics, zoo
-
-    clf = zoo.load("digits_classifier") if classifier is None else classifier
+    clf = metrics.shipped_classifier() if classifier is None else classifier
     return metrics.predict(clf, images.detach().cpu().float())[:, label].mean().item()
 
 
@@ -256,9 +250,6 @@ def finetune(base: TextToImage, subject: Subject, identifier: str = IDENTIFIER, 
     """
     from tqdm.auto import tqdm
 
-    from dlearn import metrics, zoo
-    from dlearn.train import show_progress
-
     if prior_weight < 0:
         raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
     if identifier not in VOCAB:
@@ -266,7 +257,7 @@ def finetune(base: TextToImage, subject: Subject, identifier: str = IDENTIFIER, 
     noun = subject.class_word if class_word == "" else class_word
     prompt = subject_prompt(identifier, noun)
     class_prompt = f"a {subject.class_word}"
-    clf = zoo.load("digits_classifier")
+    clf = metrics.shipped_classifier()
     base = base.eval().requires_grad_(False)
     prior = prior_samples(base, subject.class_word, n_prior, seed=seed + 1000) if prior_weight > 0 else None
     with torch.random.fork_rng(devices=[]):
@@ -313,140 +304,6 @@ def finetune(base: TextToImage, subject: Subject, identifier: str = IDENTIFIER, 
     return model.eval().requires_grad_(False), history
 
 
-# --------------------------------------------------------------------------------------------
-# What a fine-tuned model is measured on, the zoo's recipe, and the chapter's study
-# --------------------------------------------------------------------------------------------
-
-MAIN_SUBJECT = {"label": 3, "cluster": "distinctive", "n_images": 5}
-DEFAULT_LR = {"dreambooth": 2e-4, "embedding": 5e-2}
-
-
 def nearest_distance(samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Pixel-space L2 distance of each sample to its nearest reference image, shape (N,)."""
     return torch.cdist(samples.reshape(len(samples), -1).double(), reference.reshape(len(reference), -1).double()).min(1).values
-
-
-@torch.no_grad()
-def final_metrics(model: TextToImage, subject: Subject, identifier: str = IDENTIFIER, class_word: str | None = "",
-                  n: int = 64, seed: int = 11, classifier=None) -> dict[str, float]:  # fmt: skip
-    """Everything chapter 09 measures on a fine-tuned model (w = 2, DDIM-20):
-
-    - of `n` samples of the subject prompt: subject fidelity (DINO analogue), CLIP-I analogue, prompt fidelity
-      (CLIP-T analogue), DIV, and the nearest-neighbour gap (pixel distance to the nearest of the subject's training
-      images minus to the nearest held-out one; negative = closer to the training images, B15);
-    - of `n` samples of the class prompt: PRES, their diversity and class accuracy (language drift, B7);
-    - of 32 samples of each *other* class's prompt: their FD to the test digits of those classes (B10);
-    - when the identifier is a digit word (B4): the class accuracy of samples of "a [that word]".
-    """
-    from dlearn import datasets, metrics, zoo
-
-    clf = zoo.load("digits_classifier") if classifier is None else classifier
-    noun = subject.class_word if class_word == "" else class_word
-    centre = class_centre(subject.label, clf)
-    ours = generate(model, [subject_prompt(identifier, noun)] * n, 2.0, steps=20, seed=seed)
-    cls = generate(model, [f"a {subject.class_word}"] * n, 2.0, steps=20, seed=seed)
-    others = [c for c in range(10) if c != subject.label]
-    other_imgs = generate(model, [f"a {DIGIT_WORDS[c]}" for c in others for _ in range(32)], 2.0, steps=20, seed=seed)
-    x_test, y_test = datasets.digits("test", form="unit")
-    keep = y_test != subject.label
-    out = {
-        "subject_fidelity": feature_similarity(ours, subject.held_out, clf, centre),
-        "clip_i": feature_similarity(ours, subject.held_out, clf),
-        "prompt_fidelity": prompt_fidelity(ours, subject.label, clf),
-        "div": diversity(ours, clf, centre),
-        "nn_gap": (nearest_distance(ours, subject.images) - nearest_distance(ours, subject.held_out)).mean().item(),
-        "pres": feature_similarity(cls, subject.images, clf, centre),
-        "class_div": diversity(cls, clf, centre),
-        "class_accuracy": metrics.accuracy(metrics.predict(clf, cls), torch.full((n,), subject.label)),
-        "other_classes_fd": metrics.frechet_distance(metrics.features(clf, other_imgs), metrics.features(clf, x_test[keep])),
-    }  # fmt: skip
-    if identifier in DIGIT_WORDS:
-        word = generate(model, [f"a {identifier}"] * n, 2.0, steps=20, seed=seed)
-        target = torch.full((n,), DIGIT_WORDS.index(identifier))
-        out["identifier_class_accuracy"] = metrics.accuracy(metrics.predict(clf, word), target)
-    return out
-
-
-def train_dreambooth(seed: int = 0, max_steps: int = 300, prior_weight: float = 1.0, mode: str = "dreambooth",
-                     identifier: str = IDENTIFIER, class_word: str | None = "", label: int = 3,
-                     cluster: str | int = "distinctive", n_images: int = 5, lr: float | None = None,
-                     eval_every: int = 50, base: TextToImage | None = None, progress: bool | None = None):  # fmt: skip
-    """The zoo's recipe: `finetune` on `make_subject(label, n_images, cluster)` from the shipped `text2image` base.
-
-    Returns:
-        the model and a `TrainResult` whose history is `finetune`'s (no checkpoint selection: the last weights).
-    """
-    import time
-
-    from dlearn import zoo
-    from dlearn.train import TrainResult
-
-    start = time.perf_counter()
-    base = zoo.load("text2image") if base is None else base
-    subject = make_subject(label, n_images, cluster)
-    model, history = finetune(base, subject, identifier, class_word, prior_weight, mode, max_steps,
-                              DEFAULT_LR[mode] if lr is None else lr, eval_every=eval_every, seed=seed,
-                              progress=progress)  # fmt: skip
-    return model, TrainResult(max_steps, None, None, False, time.perf_counter() - start, history)
-
-
-def protocol_metrics(model: TextToImage) -> dict[str, float]:
-    """`final_metrics` of a model fine-tuned on the chapter's main subject with "a sks three"."""
-    return final_metrics(model, make_subject(**MAIN_SUBJECT))
-
-
-STUDY_PATH = "weights/dreambooth_study.json"
-STUDY_JOBS = {
-    **{f"ppl_seed{s}": {"seed": s} for s in range(3)},
-    **{f"noppl_seed{s}": {"seed": s, "prior_weight": 0.0} for s in range(3)},
-    **{f"embedding_seed{s}": {"seed": s, "mode": "embedding", "prior_weight": 0.0} for s in range(3)},
-    "identifier_seven": {"identifier": "seven"},
-    "noun_wrong": {"class_word": "seven", "prior_weight": 0.0},
-    "noun_none": {"class_word": None, "prior_weight": 0.0},
-    **{f"n_images{k}": {"n_images": k} for k in range(1, 5)},
-    "common_subject": {"cluster": "common"},
-}  # fmt: skip
-"""Chapter 09's runs (300 steps each, `train_dreambooth` defaults otherwise): prior preservation on and off and
-the embedding-only (Textual Inversion) analogue over 3 seeds (B7-B9, B12); an existing word as identifier (B4);
-wrong and no class noun, both without prior preservation, against `noppl_seed0` (B5); 1-4 subject images against
-`ppl_seed0`'s 5 (B17); a subject from the class's most common style cluster (B16)."""
-
-
-def run_study_job(name: str, base: TextToImage | None = None, steps: int = 300) -> dict:
-    """One run of the study: its config, learning curve, final metrics and seconds."""
-    import time
-
-    from dlearn import zoo
-
-    if name not in STUDY_JOBS:
-        raise ValueError(f"no study job {name!r}; known: {sorted(STUDY_JOBS)}")
-    base = zoo.load("text2image") if base is None else base
-    start = time.perf_counter()
-    cfg = {"seed": 0, **STUDY_JOBS[name]}
-    model, result = train_dreambooth(max_steps=steps, base=base, progress=False, **cfg)
-    subject = make_subject(cfg.get("label", 3), cfg.get("n_images", 5), cfg.get("cluster", "distinctive"))
-    final = final_metrics(model, subject, cfg.get("identifier", IDENTIFIER), cfg.get("class_word", ""))
-    return {"config": cfg, "history": result.history, "final": final, "seconds": round(time.perf_counter() - start, 1)}
-
-
-def load_study(path=None) -> dict:
-    """The shipped study results ({job: result}); `python -m dlearn.dreambooth study` recreates them."""
-    from pathlib import Path
-
-    from dlearn import results
-
-    return results.load_study(Path(__file__).parent / STUDY_PATH if path is None else path, "python -m dlearn.dreambooth study")
-
-
-def main(argv: list[str] | None = None) -> None:
-    from pathlib import Path
-
-    from dlearn import results
-
-    results.study_cli(
-        argv, "python -m dlearn.dreambooth", "chapter 09's study", STUDY_JOBS, run_study_job, Path(__file__).parent / STUDY_PATH
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,7 @@ For a latent-variable model p(x, z) = p(z) p(x | z) and any distribution q(z) ov
     log p(x) = ELBO(q) + KL(q(z) || p(z | x)),   ELBO(q) = E_q[log p(x, z) - log q(z)]
 
 (Luo 2022, Sec. 2.1). The functions here compute every term of that identity in closed form for
-TB1 (`datasets.LinearGaussianLatent`) and by Monte Carlo for any model, plus the
+TB1 (`toys.LinearGaussianLatent`) and by Monte Carlo for any model, plus the
 importance-weighted bound (Burda et al. 2016) that tightens the ELBO as its sample count K grows.
 """
 
@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from dlearn.datasets import LinearGaussianLatent
+from dlearn.toys import LinearGaussianLatent
 
 MVN = torch.distributions.MultivariateNormal
 

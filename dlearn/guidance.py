@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from dlearn.datasets import GaussianMixture
+from dlearn import ddim
+from dlearn.nets import MLP, sinusoidal_embedding
+from dlearn.toys import GaussianMixture
 
 
 def class_log_posterior_grad(mixture: GaussianMixture, x: torch.Tensor, alpha_bar, y: int) -> torch.Tensor:
@@ -58,8 +60,6 @@ def exact_eps(mixture: GaussianMixture, y: int | None):
 
 def guided_ddim(mixture: GaussianMixture, y: int, w: float, x_T: torch.Tensor, alpha_bar: torch.Tensor, steps: int = 100):
     """DDIM (eta 0) with classifier-free guidance built from the exact conditional and unconditional eps."""
-    from dlearn import ddim
-
     eps_c, eps_u = exact_eps(mixture, y), exact_eps(mixture, None)
     return ddim.sample(lambda x, t: cfg(eps_u(x, alpha_bar[t]), eps_c(x, alpha_bar[t]), w), x_T, alpha_bar, steps, progress=False)
 
@@ -74,16 +74,12 @@ class ClassConditionalMLP(torch.nn.Module):
 
     def __init__(self, alpha_bar: torch.Tensor, num_classes: int, dim: int = 2, hidden=(128, 128, 128), emb_dim: int = 32):
         super().__init__()
-        from dlearn.nets import MLP
-
         self.num_classes, self.emb_dim = num_classes, emb_dim
         self.register_buffer("alpha_bar", alpha_bar.float())
         self.label = torch.nn.Embedding(num_classes + 1, emb_dim)
         self.mlp = MLP(dim + emb_dim, tuple(hidden), dim)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from dlearn.nets import sinusoidal_embedding
-
         if y.min() < 0 or y.max() > self.num_classes:
             raise ValueError(f"labels must be in 0..{self.num_classes} ({self.num_classes} = unconditional)")
         h = sinusoidal_embedding(t.float(), self.emb_dim) + self.label(y)

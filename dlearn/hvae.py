@@ -9,7 +9,8 @@ p(z2) p(z1 | z2) p(x | z1) and the encoder chain q(z1 | x) q(z2 | z1); its bound
 (Sonderby et al. 2016; Vahdat & Kautz 2020): q(z2 | x) q(z1 | x, z2), the posterior over z1 written
 as a correction of the prior p(z1 | z2) ("residual"), with the decoder seeing both levels
 ("skip"). Training can warm the KL terms up from 0 to 1 and keep "free bits" per latent
-dimension (Kingma et al. 2016); evaluation always uses the true bound.
+dimension (Kingma et al. 2016); evaluation always uses the true bound. The recipe of the shipped
+weights and its likelihood protocol (`train_hvae`, `protocol_metrics`) are in `dlearn.studies.hvae`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dlearn import datasets, vae
-from dlearn.datasets import TwoLevelLinearGaussian
-from dlearn.distributions import kl_normal_diag_per_dim, log_normal_diag
+from dlearn.distributions import kl_normal_diag_per_dim, levels_to_unit, log_normal_diag
 from dlearn.elbo import log_mean_exp
 from dlearn.nets import MLP
-from dlearn.train import TrainConfig, TrainResult, fit
-from dlearn.vae import _check_images, _upsampling_head, levels_to_unit, log_likelihood_in_pieces, validation_neg_elbo
+from dlearn.toys import TwoLevelLinearGaussian
+from dlearn.vae import check_images, log_likelihood_in_pieces, upsampling_head
 
 INFERENCE = ("markov", "top_down")
 
@@ -221,7 +220,7 @@ class HVAE(nn.Module):
             )
         self.skip = nn.Linear(c.z2_dim, 16 * zc) if c.skip else None
         self.decoder = nn.Sequential(
-            nn.Conv2d(zc * (2 if c.skip else 1), c2, 3, padding=1), nn.SiLU(), nn.Dropout(c.dropout), _upsampling_head(c1, c2)
+            nn.Conv2d(zc * (2 if c.skip else 1), c2, 3, padding=1), nn.SiLU(), nn.Dropout(c.dropout), upsampling_head(c1, c2)
         )
 
     def features(self, x_levels: torch.Tensor) -> torch.Tensor:
@@ -294,7 +293,7 @@ def elbo_terms(model: HVAE, x_levels: torch.Tensor, generator=None) -> dict[str,
     Keys: "reconstruction" log p(x | z), "kl" the prior-matching part (analytic per level in top-down
     inference, log q - log p in Markov inference), "kl1", "kl2" (top-down only), "neg_elbo".
     """
-    x_levels = _check_images(x_levels)
+    x_levels = check_images(x_levels)
     d = _draw(model, x_levels, 1, generator)
     recon = d["log_lik"][0]
     if model.config.inference == "top_down":
@@ -310,7 +309,7 @@ def elbo_terms(model: HVAE, x_levels: torch.Tensor, generator=None) -> dict[str,
 @torch.no_grad()
 def iwae_bound(model: HVAE, x_levels: torch.Tensor, num_samples: int = 1000, generator=None, chunk: int = 20_000) -> torch.Tensor:
     """Importance-weighted bound on log p(x) with K = num_samples joint samples of (z1, z2), per image (B,)."""
-    x_levels = _check_images(x_levels)
+    x_levels = check_images(x_levels)
     per_chunk = max(1, chunk // num_samples)
     out = []
     for i in range(0, len(x_levels), per_chunk):
@@ -329,38 +328,6 @@ def training_loss(model: HVAE, x_levels, generator, step: int, warmup_steps: int
     if model.config.inference == "markov" or free_bits == 0:
         t = elbo_terms(model, x_levels, generator)
         return (beta * t["kl"] - t["reconstruction"]).mean()
-    d = _draw(model, _check_images(x_levels), 1, generator)
+    d = _draw(model, check_images(x_levels), 1, generator)
     kl = sum(d[key][0].mean(0).clamp(min=free_bits).sum() for key in ("kl1_dims", "kl2_dims"))
     return beta * kl - d["log_lik"][0].mean()
-
-
-def train_hvae(
-    seed: int = 0,
-    max_steps: int = 8000,
-    lr: float = 1e-3,
-    ema: float | None = 0.999,
-    warmup_steps: int = 0,
-    free_bits: float = 0.0,
-    progress: bool | None = None,
-    **config_kwargs,
-) -> tuple[HVAE, TrainResult]:
-    """The zoo recipe for the HVAE: chapter 02's recipe (AdamW, cosine decay, weight average, best
-    validation bound) on `training_loss`, optionally with KL warm-up and free bits."""
-    x_train, _ = datasets.digits("train")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = HVAE(HVAEConfig(**config_kwargs))
-
-    def loss_fn(m, batch, gen, step):
-        return training_loss(m, batch[0], gen, step, warmup_steps, free_bits)
-
-    cfg = TrainConfig(
-        max_steps=max_steps, batch_size=64, lr=lr, lr_schedule="cosine", ema=ema, eval_every=100, seed=seed, progress=progress
-    )
-    result = fit(model, loss_fn, (x_train,), cfg, val_fn=lambda m: validation_neg_elbo(m, elbo_terms))
-    return model.eval(), result
-
-
-def protocol_metrics(model: HVAE) -> dict[str, float]:
-    """The zoo's record for the HVAE: chapter 02's `protocol_metrics` with this module's bound."""
-    return vae.protocol_metrics(model, elbo_fn=elbo_terms, iwae_fn=iwae_bound)

@@ -24,6 +24,7 @@ import torch
 
 from dlearn import ddim
 from dlearn.schedules import inference_timesteps
+from dlearn.text2image import tokenize
 
 # --------------------------------------------------------------------------------------------
 # N1: the reconstruction metric; N2: the DDIM step in the paper's notation
@@ -78,8 +79,6 @@ class TextWorld:
     """The tiny text-to-image model with one prompt per image; embeddings are text-encoder outputs (B, L, dim)."""
 
     def __init__(self, model, prompts: list[str]):
-        from dlearn.text2image import tokenize
-
         self.model, self.prompts = model.eval().requires_grad_(False), list(prompts)
         self.alpha_bar = model.alpha_bar
         self.num_train = len(model.alpha_bar)

@@ -3,7 +3,8 @@
 The classifier plays three parts: its accuracy on the prompted class is the prompt-fidelity score
 (a "CLIP-T" analogue), its penultimate features feed the Frechet distance (an "FID" analogue), and
 cosine similarity of those features is the subject-fidelity score (a "DINO / CLIP-I" analogue).
-It is trained by `train_classifier` and shipped in the zoo as "digits_classifier".
+It is trained by `dlearn.studies.classifier.train_classifier` and shipped as "digits_classifier"
+(`shipped_classifier()` loads it).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlearn import datasets
-from dlearn.train import TrainConfig, TrainResult, fit
+from dlearn import shipped
+from dlearn.distributions import check_levels
 
 FEATURE_DIM = 64
 
@@ -77,24 +78,9 @@ def accuracy(probs_or_logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (probs_or_logits.argmax(-1) == labels).double().mean().item()
 
 
-def train_classifier(seed: int = 0, max_steps: int = 4000, progress: bool | None = None) -> tuple[DigitClassifier, TrainResult]:
-    """The zoo recipe of "digits_classifier": train split with 1-pixel shifts, best validation accuracy."""
-    x_train, y_train = datasets.digits("train", form="unit")
-    x_val, y_val = datasets.digits("val", form="unit")
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights, caller's random state untouched
-        torch.manual_seed(seed)
-        model = DigitClassifier()
-
-    def loss_fn(m, batch, gen):
-        x, y = batch
-        return F.cross_entropy(m(random_shift(x, gen)), y, label_smoothing=0.05)
-
-    config = TrainConfig(
-        max_steps=max_steps, batch_size=64, lr=2e-3, weight_decay=1e-3, eval_every=100, patience=15,
-        higher_is_better=True, seed=seed, progress=progress,
-    )  # fmt: skip
-    result = fit(model, loss_fn, (x_train, y_train), config, val_fn=lambda m: accuracy(m(x_val), y_val))
-    return model.eval(), result
+def shipped_classifier(device: str | torch.device = "cpu") -> DigitClassifier:
+    """The book's shipped digits classifier ("digits_classifier"), in eval mode with gradients off."""
+    return shipped.load(DigitClassifier(), "digits_classifier", device)
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
@@ -184,8 +170,6 @@ def memorisation(samples: torch.Tensor, train: torch.Tensor, test: torch.Tensor,
 
 def digit_mask(levels: torch.Tensor, threshold: int = 8) -> torch.Tensor:
     """TB5's control mask: pixels whose grey level exceeds `threshold` (of 0..16), as bool."""
-    from dlearn.distributions import check_levels
-
     return check_levels(levels, "levels") > threshold
 
 
@@ -204,13 +188,3 @@ def iou(mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
     inter = (mask_a & mask_b).reshape(mask_a.shape[0], -1).sum(1).double()
     union = (mask_a | mask_b).reshape(mask_a.shape[0], -1).sum(1).double()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
-def classifier_metrics(model: DigitClassifier) -> dict[str, float]:
-    """The numbers the zoo records for the classifier: test accuracy and the train-vs-test FD floor."""
-    x_train, _ = datasets.digits("train", form="unit")
-    x_test, y_test = datasets.digits("test", form="unit")
-    return {
-        "test_accuracy": accuracy(predict(model, x_test), y_test),
-        "fd_floor_train_vs_test": frechet_distance(features(model, x_train), features(model, x_test)),
-    }

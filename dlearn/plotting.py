@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dlearn.results import output_dir
+
 FIG_DPI = 100
 
 
@@ -111,8 +113,6 @@ def plot_trajectories(paths: torch.Tensor, ax=None, max_paths: int = 50, color="
 
 def savefig(fig, name: str, dpi: int = FIG_DPI) -> Path:
     """Save a figure as `<figures>/<name>.png` (tight, `dpi` dots per inch) and return its path."""
-    from dlearn.results import output_dir
-
     if not name or "/" in name or "\\" in name or name.startswith("."):
         raise ValueError(f"figure name must be a plain file stem like '00_digits_grid', got {name!r}")
     path = output_dir() / f"{name}.png"

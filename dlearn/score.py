@@ -18,7 +18,10 @@ from collections.abc import Callable
 
 import torch
 
-from dlearn.datasets import GaussianMixture
+from dlearn.nets import MLP, sinusoidal_embedding
+from dlearn.toys import GaussianMixture
+from dlearn.train import show_progress
+from dlearn.vdm import posterior_variance
 
 # --------------------------------------------------------------------------------------------
 # Tweedie's formula and the three targets
@@ -88,8 +91,6 @@ def posterior_mean_score_form(x_t: torch.Tensor, score: torch.Tensor, alpha_bar_
 
 def score_loss_weight(alpha_bar_t, alpha_bar_prev):
     """The denoising KL as a score regression: (1 - alpha_t)^2 / (2 sigma_q^2 alpha_t) |s_theta - s|^2 (Luo eq. 148)."""
-    from dlearn.vdm import posterior_variance
-
     alpha_t = alpha_bar_t / alpha_bar_prev
     return (1 - alpha_t) ** 2 / (2 * posterior_variance(alpha_bar_t, alpha_bar_prev) * alpha_t)
 
@@ -221,15 +222,11 @@ class ScoreMLP(torch.nn.Module):
 
     def __init__(self, alpha_bar: torch.Tensor, dim: int = 2, hidden=(128, 128, 128), emb_dim: int = 32):
         super().__init__()
-        from dlearn.nets import MLP
-
         self.emb_dim = emb_dim
         self.register_buffer("alpha_bar", alpha_bar.float())
         self.mlp = MLP(dim + emb_dim, tuple(hidden), dim)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        from dlearn.nets import sinusoidal_embedding
-
         if x_t.ndim != 2 or t.shape != (x_t.shape[0],):
             raise ValueError(f"expected x_t (B, d) and t (B,), got {tuple(x_t.shape)} and {tuple(t.shape)}")
         return self.mlp(torch.cat([x_t.float(), sinusoidal_embedding(t.float(), self.emb_dim)], 1)).to(x_t.dtype)
@@ -243,8 +240,6 @@ def train_score_mlp(mixture: GaussianMixture, alpha_bar: torch.Tensor, steps: in
     """Denoising score matching on samples of `mixture`, in its eps form (Ho et al. 2020, Algorithm 1): t uniform,
     |eps - eps_theta(x_t, t)|^2, AdamW with cosine decay. Returns the network and the loss of every step."""
     from tqdm.auto import tqdm
-
-    from dlearn.train import show_progress
 
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):

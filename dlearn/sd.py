@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from dlearn.inversion import check_timesteps
+
 ENV_VAR = "DLEARN_SD_PATH"
 REQUIRED = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 TINY_WORDS = ("a", "photo", "of", "sks", "dog", "digit", "zero", "one", "two", "three", "seven", "eight", "thick", "thin")
@@ -58,7 +60,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def tiny_tokenizer(words=TINY_WORDS, model_max_length: int = 77):
     """A CLIP tokenizer built offline from an in-code vocabulary: byte-level BPE whose merges make each of `words`
-    one token (../shared/DIFFUSERS-NOTES.md section 4); unknown words fall back to bytes."""
+    one token (a word without its merges would split into several byte tokens); unknown words fall back to bytes."""
     from transformers import CLIPTokenizer
 
     alphabet = list(_bytes_to_unicode().values())
@@ -225,8 +227,6 @@ def pipeline_reconstruct(pipe, world: PipelineWorld, inv, guidance_scale: float)
     """Sample back through the pipeline's own `__call__`, feeding the per-step null embeddings with a step-end
     callback. Inside the loop the pipeline keeps `prompt_embeds = cat([null, cond])` (negative first); the callback
     after step i replaces it with step i+1's null. Returns the final latents."""
-    from dlearn.inversion import check_timesteps
-
     check_timesteps(inv.timesteps, world.timesteps(inv.steps))
     nulls = inv.nulls if inv.nulls is not None else [world.null_init(len(inv.pivots[0]))] * inv.steps
     cond = world.cond_init(len(inv.pivots[0]))

@@ -9,6 +9,8 @@ a three and every attribute word is true of about half of each class: chance att
 The vocabulary also holds spare words that no caption uses (DreamBooth's identifiers, chapter 09) and the
 beginning token "<bos>", which every sequence starts with: the empty prompt is "<bos>" followed by padding,
 so attention always has one key to attend to.
+
+The recipe of the shipped "text2image" model and the metrics recorded with it are in `dlearn.studies.text2image`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dlearn.distributions import check_levels
+from dlearn import datasets, ddim, guidance, metrics
+from dlearn.ddpm import q_sample
+from dlearn.distributions import check_levels, levels_to_unit, unit_to_levels
+from dlearn.schedules import alpha_bar_from_betas, linear_betas
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ATTRIBUTE_WORDS = {"thickness": ("thin", "thick"), "slant": ("upright", "slanted"), "size": ("small", "large")}
@@ -115,8 +120,6 @@ class AttributeThresholds:
 
 def default_thresholds() -> AttributeThresholds:
     """Thresholds fitted on the training split of the digits (the book's captions use these)."""
-    from dlearn import datasets
-
     x, y = datasets.digits("train")
     return AttributeThresholds.fit(x, y)
 
@@ -185,7 +188,7 @@ class TextEncoder(nn.Module):
 
 def tiny_unet(cross_attention_dim: int = 32, channels=(32, 64)):
     """A diffusers `UNet2DConditionModel` for 8x8 single-channel images, cross-attention at 4x4
-    (../shared/DIFFUSERS-NOTES.md: two levels, norm groups dividing every width)."""
+    (two levels, since 8x8 halves only twice; the norm groups divide every width, as diffusers requires)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -203,8 +206,6 @@ class TextToImage(nn.Module):
 
     def __init__(self, dim: int = 32, channels=(32, 64)):
         super().__init__()
-        from dlearn.schedules import alpha_bar_from_betas, linear_betas
-
         self.text = TextEncoder(dim)
         self.unet = tiny_unet(dim, channels)
         self.register_buffer("alpha_bar", alpha_bar_from_betas(linear_betas(1000)))
@@ -248,8 +249,6 @@ def generate(model: TextToImage, prompts: list[str], guidance_scale: float = 2.0
     guidance that inconsistency compounds: at w = 2 and 50 steps it cut class accuracy from 1.00 to 0.45);
     the images are clamped to [-1, 1] at the end instead.
     """
-    from dlearn import ddim, guidance
-
     ids = tokenize(prompts)
     empty = tokenize([""]).expand(len(prompts), -1)
     g = torch.Generator().manual_seed(seed)
@@ -295,10 +294,7 @@ def prompt_fidelity(images: torch.Tensor, classes: torch.Tensor, bits: torch.Ten
     """Class accuracy (the digits classifier agrees with the prompted class), attribute accuracy (the captioner,
     with the prompted class's thresholds, reads the prompted word; chance 0.5), FD to the test split and
     memorisation (chapter 05's measures) of generated images in [-1, 1]."""
-    from dlearn import datasets, metrics, zoo
-    from dlearn.distributions import levels_to_unit, unit_to_levels
-
-    clf = classifier if classifier is not None else zoo.load("digits_classifier")
+    clf = classifier if classifier is not None else metrics.shipped_classifier()
     levels = unit_to_levels(images.detach().cpu())
     x = levels_to_unit(levels)
     got_bits = attribute_bits(levels, classes)
@@ -319,62 +315,6 @@ def noised(x0: torch.Tensor, alpha_bar: torch.Tensor, gen: torch.Generator):
     Returns:
         (x_t, t, eps).
     """
-    from dlearn.ddpm import q_sample
-
     t = torch.randint(0, len(alpha_bar), (len(x0),), generator=gen).to(x0.device)
     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
     return q_sample(x0, alpha_bar[t], eps), t, eps
-
-
-def train_text2image(seed: int = 0, max_steps: int = 5000, p_uncond: float = 0.1, lr: float = 1e-3, batch_size: int = 64,
-                     eval_every: int = 1000, progress: bool | None = None):  # fmt: skip
-    """The zoo's recipe: eps-loss with random partial captions and prompt dropout `p_uncond`, AdamW, cosine decay,
-    EMA 0.999; keeps the weights with the best validation FD (400 samples of validation captions, w = 2, DDIM-20)."""
-    from dlearn import datasets, metrics, zoo
-    from dlearn.distributions import levels_to_unit, unit_to_levels
-    from dlearn.train import TrainConfig, fit
-
-    x, y = datasets.digits("train")
-    data = (levels_to_unit(x), y, attribute_bits(x, y))
-    x_val, y_val = datasets.digits("val")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = TextToImage()
-    clf = zoo.load("digits_classifier")
-
-    def loss_fn(m, batch, gen):
-        x0, labels, bits = batch
-        ids = tokenize(training_prompts(labels, bits, gen, p_uncond=p_uncond)).to(x0.device)
-        x_t, t, eps = noised(x0, m.alpha_bar, gen)
-        return ((m(x_t, t, ids) - eps) ** 2).mean()
-
-    val_prompts = caption(x_val, y_val)  # every attribute of every validation digit
-    val_feats = metrics.features(clf, levels_to_unit(x_val))
-
-    def val_fn(m):
-        imgs = generate(m, val_prompts, 2.0, steps=20, seed=1)
-        return metrics.frechet_distance(metrics.features(clf, levels_to_unit(unit_to_levels(imgs.cpu()))), val_feats)
-
-    cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, lr_schedule="cosine", ema=0.999,
-                      eval_every=eval_every, seed=seed, progress=progress)  # fmt: skip
-    result = fit(model, loss_fn, data, cfg, val_fn=val_fn)
-    return model.eval(), result
-
-
-GUIDANCE_SCALES = (1.0, 2.0, 4.0)
-
-
-def protocol_metrics(model: TextToImage) -> dict[str, float]:
-    """Prompt fidelity, FD and memorisation of 960 images (80 prompts x 12) at guidance scales 1, 2 and 4 (DDIM-50)."""
-    prompts, classes, bits = evaluation_prompts()
-    out = {}
-    for w in GUIDANCE_SCALES:
-        for k, v in prompt_fidelity(generate(model, prompts, w, steps=50, seed=0), classes, bits).items():
-            out[f"{k}_w{w:g}"] = v
-    return out
-
-
-def quick_metrics(model: TextToImage) -> dict[str, float]:
-    """The w = 2 part of `protocol_metrics` (the test suite re-measures this)."""
-    prompts, classes, bits = evaluation_prompts()
-    return {f"{k}_w2": v for k, v in prompt_fidelity(generate(model, prompts, 2.0, steps=50, seed=0), classes, bits).items()}

@@ -1,4 +1,4 @@
-"""Chapter 02: the variational autoencoder on the digits, and the tools to measure it.
+"""Chapter 02: the variational autoencoder on the digits and its bounds.
 
 A VAE learns an encoder q_phi(z | x) = N(mu_phi(x), diag sigma_phi^2(x)) and a decoder p_theta(x | z)
 together by maximising the ELBO (Kingma & Welling 2014; Luo 2022, Sec. 2.2):
@@ -7,7 +7,9 @@ together by maximising the ELBO (Kingma & Welling 2014; Luo 2022, Sec. 2.2):
            reconstruction             prior matching
 
 The decoder here is a categorical distribution over the 17 grey levels of each pixel, so the
-bound is a bound on the discrete likelihood of the book's protocol, in nats per image.
+bound is a bound on the discrete likelihood of the book's protocol, in nats per image. The recipe of
+the shipped weights and the likelihood protocol (`train_vae`, `evaluate`, `protocol_metrics`) are in
+`dlearn.studies.vae`.
 """
 
 from __future__ import annotations
@@ -19,17 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlearn import datasets
+from dlearn import toys
 from dlearn.distributions import (
     NUM_LEVELS,
     check_levels,
     kl_normal_diag,
     levels_to_unit,
     log_categorical_pixels,
-    nats_to_bits_per_dim,
 )
 from dlearn.elbo import log_mean_exp
-from dlearn.train import TrainConfig, TrainResult, fit
 
 
 @dataclass
@@ -82,14 +82,14 @@ class ConvDecoder(nn.Module):
         c1, c2 = channels
         self.c2 = c2
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, 16 * c2), nn.SiLU())
-        self.conv = _upsampling_head(c1, c2)
+        self.conv = upsampling_head(c1, c2)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.fc(z).reshape(-1, self.c2, 4, 4)
         return self.conv(h).unsqueeze(2)  # (B, 17, 1, 8, 8)
 
 
-def _upsampling_head(c1: int, c2: int) -> nn.Sequential:
+def upsampling_head(c1: int, c2: int) -> nn.Sequential:
     """(B, c2, 4, 4) -> logits (B, 17, 8, 8)."""
     return nn.Sequential(
         nn.Conv2d(c2, c2, 3, padding=1), nn.SiLU(),
@@ -118,7 +118,7 @@ class ConvVAE(nn.Module):
                 nn.Conv2d(c2, 2 * zc, 3, padding=1),  # mean and log-variance maps
             )  # fmt: skip
             self.decoder = nn.Sequential(
-                nn.Conv2d(zc, c2, 3, padding=1), nn.SiLU(), nn.Dropout(c.dropout), _upsampling_head(c1, c2)
+                nn.Conv2d(zc, c2, 3, padding=1), nn.SiLU(), nn.Dropout(c.dropout), upsampling_head(c1, c2)
             )
 
     def encode(self, x_levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +139,8 @@ class ConvVAE(nn.Module):
         return self.decoder(z.reshape(-1, self.config.latent_channels, 4, 4)).unsqueeze(2)
 
 
-def _check_images(x_levels: torch.Tensor) -> torch.Tensor:
+def check_images(x_levels: torch.Tensor) -> torch.Tensor:
+    """The images as grey levels 0..16 of shape (B, 1, 8, 8), or a ValueError saying what is wrong."""
     x_levels = check_levels(x_levels, "x_levels")
     if x_levels.ndim != 4 or x_levels.shape[1:] != (1, 8, 8):
         raise ValueError(f"expected digits of shape (B, 1, 8, 8) as grey levels, got {tuple(x_levels.shape)}")
@@ -153,7 +154,7 @@ def elbo_terms(model: ConvVAE, x_levels: torch.Tensor, generator: torch.Generato
         {"reconstruction": E_q log p(x | z) (one z), "kl": KL(q(z | x) || N(0, I)) (exact),
          "neg_elbo": kl - reconstruction}, each of shape (B,).
     """
-    x_levels = _check_images(x_levels)
+    x_levels = check_images(x_levels)
     mean, logvar = model.encode(x_levels)
     eps = torch.randn(mean.shape, generator=generator).to(mean.device)
     z = mean + (0.5 * logvar).exp() * eps  # reparameterisation (Luo eq. 19/20 area; Kingma & Welling 2014)
@@ -184,7 +185,7 @@ def iwae_bound(
 
     log p(x) >= log (1/K) sum_k p(x | z_k) p(z_k) / q(z_k | x),  z_k ~ q(z | x)   (Burda et al. 2016)
     """
-    x_levels = _check_images(x_levels)
+    x_levels = check_images(x_levels)
     out = []
     per_chunk = max(1, chunk // num_samples)
     for i in range(0, len(x_levels), per_chunk):
@@ -202,77 +203,12 @@ def iwae_bound(
     return torch.cat(out)
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    split: str = "test",
-    num_samples: int = 1000,
-    seed: int = 0,
-    elbo_samples: int = 10,
-    elbo_fn=None,
-    iwae_fn=None,
-) -> dict[str, float]:
-    """The likelihood protocol: mean negative ELBO and negative IWAE-K bound on a split, in nats per image.
-
-    The ELBO is averaged over `elbo_samples` draws per image (its expectation, not one noisy draw).
-    `elbo_fn` and `iwae_fn` default to this module's `elbo_terms` and `iwae_bound`; the HVAE passes its own.
-    """
-    elbo_fn, iwae_fn = elbo_fn or elbo_terms, iwae_fn or iwae_bound
-    x, _ = datasets.digits(split)
-    g = torch.Generator().manual_seed(seed)
-    model.eval()
-    neg_elbo = torch.stack([elbo_fn(model, x, g)["neg_elbo"] for _ in range(elbo_samples)]).mean(0)
-    neg_iwae = -iwae_fn(model, x, num_samples, g)
-    return {"neg_elbo": neg_elbo.mean().item(), f"neg_iwae_{num_samples}": neg_iwae.mean().item()}
-
-
-def protocol_metrics(model: nn.Module, elbo_fn=None, iwae_fn=None) -> dict[str, float]:
-    """What the zoo records for a latent-variable model on the book's likelihood protocol: test-split
-    negative ELBO and negative IWAE-1000 bound, in nats per image and in bits per dimension."""
-    ev = evaluate(model, "test", 1000, seed=0, elbo_fn=elbo_fn, iwae_fn=iwae_fn)
-    ev.update({f"{k}_bpd": nats_to_bits_per_dim(v, 64) for k, v in list(ev.items())})
-    return ev
-
-
-def train_vae(
-    seed: int = 0,
-    max_steps: int = 8000,
-    lr: float = 1e-3,
-    ema: float | None = 0.999,
-    progress: bool | None = None,
-    **config_kwargs,
-) -> tuple[ConvVAE, TrainResult]:
-    """The zoo recipe for a VAE: AdamW on the negative ELBO, cosine learning-rate decay, an exponential
-    moving average of the weights, and the checkpoint with the best validation negative ELBO."""
-    x_train, _ = datasets.digits("train")
-    x_val, _ = datasets.digits("val")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ConvVAE(VAEConfig(**config_kwargs))
-
-    def loss_fn(m, batch, gen):
-        return elbo_terms(m, batch[0], gen)["neg_elbo"].mean()
-
-    cfg = TrainConfig(
-        max_steps=max_steps, batch_size=64, lr=lr, lr_schedule="cosine", ema=ema, eval_every=100, seed=seed, progress=progress
-    )
-    result = fit(model, loss_fn, (x_train,), cfg, val_fn=lambda m: validation_neg_elbo(m, elbo_terms))
-    return model.eval(), result
-
-
-def validation_neg_elbo(model: nn.Module, elbo_fn, samples: int = 4) -> float:
-    """Mean negative ELBO on the validation split (4 draws per image, fixed noise): the early-stopping metric."""
-    x_val, _ = datasets.digits("val")
-    g = torch.Generator().manual_seed(1234)
-    return torch.stack([elbo_fn(model, x_val, g)["neg_elbo"] for _ in range(samples)]).mean().item()
-
-
 # --------------------------------------------------------------------------------------------
 # V2, V3, V5: the two terms of the ELBO on TB1, in closed form
 # --------------------------------------------------------------------------------------------
 
 
-def reconstruction_term(model: datasets.LinearGaussianLatent, x, q_mean, q_cov) -> torch.Tensor:
+def reconstruction_term(model: toys.LinearGaussianLatent, x, q_mean, q_cov) -> torch.Tensor:
     """E_q[log p(x | z)] for TB1 and q = N(q_mean, q_cov), exactly, shape (B,).
 
     = -d/2 log(2 pi s2) - (|x - W m - b|^2 + tr(W S W^T)) / (2 s2)
@@ -291,7 +227,7 @@ def prior_matching_term(q_mean, q_cov) -> torch.Tensor:
     return 0.5 * ((q_mean**2).sum(-1) + tr - k - torch.logdet(q_cov))
 
 
-def reconstruction_monte_carlo(model: datasets.LinearGaussianLatent, x, q_mean, q_cov, num_samples: int, generator=None):
+def reconstruction_monte_carlo(model: toys.LinearGaussianLatent, x, q_mean, q_cov, num_samples: int, generator=None):
     """(1/L) sum_l log p(x | z_l), z_l ~ q: the Monte Carlo reconstruction term (Luo Sec. 2.2), shape (B,)."""
     chol = torch.linalg.cholesky(torch.as_tensor(q_cov, dtype=torch.float64))
     eps = torch.randn(num_samples, *q_mean.shape, generator=generator, dtype=torch.float64)

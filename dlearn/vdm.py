@@ -16,6 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dlearn.datasets import AUGMENT_LABELS
+from dlearn.distributions import levels_to_unit, log_categorical_pixels
+from dlearn.nets import ConvDenoiser
+
 
 def posterior_variance(alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor) -> torch.Tensor:
     """sigma_q^2(t) of q(x_{t-1} | x_t, x0): the reverse variance fixed by the schedule alone."""
@@ -256,7 +260,7 @@ def true_reverse_step(mixture, alpha_bar_t: float, alpha_bar_prev: float, x_t: t
     Gaussian; without it the step is a mixture, and only for small steps close to a Gaussian.
 
     Args:
-        mixture: a `datasets.GaussianMixture`.
+        mixture: a `toys.GaussianMixture`.
         x_t: one point, shape (1, d).
 
     Returns:
@@ -314,7 +318,8 @@ class VDM(nn.Module):
     The denoiser outputs logits over the 17 levels of every pixel; adding the exact log-likelihood of z_t
     under each level and normalising gives a posterior over levels whose mean is x0_hat. At small noise
     the likelihood term dominates and x0_hat snaps onto the right level, which plain eps-prediction
-    cannot learn (CALIBRATION.md). The decoder p(x | z_0) is the same likelihood, normalised over levels.
+    cannot learn as easily (notebooks/04_vdm.ipynb compares the two).
+    The decoder p(x | z_0) is the same likelihood, normalised over levels.
 
     Args:
         net: (z_t (B, 1, 8, 8), gamma (B,)) -> logits (B, 17, 8, 8); e.g. `nets.ConvDenoiser(out_ch=17)`.
@@ -350,8 +355,6 @@ class VDM(nn.Module):
         `aug`: the labels of augmented training images (`datasets.augment_digits`); None, as for every
         reported bound, means the untransformed data (all-zero labels where the denoiser takes them).
         """
-        from dlearn.distributions import levels_to_unit, log_categorical_pixels
-
         x = levels_to_unit(x_levels).to(next(self.net.parameters()).device)
         b, dev = x.shape[0], x.device
         ends = self.schedule(torch.tensor([0.0, 1.0], device=dev))
@@ -384,24 +387,11 @@ class _LevelDenoiser(nn.Module):
 
     def __init__(self, channels=(32, 64), emb_scale: float = 50.0, out_ch: int = 17, augment: bool = False):
         super().__init__()
-        from dlearn.datasets import AUGMENT_LABELS
-        from dlearn.nets import ConvDenoiser
-
         self.net = ConvDenoiser(in_ch=1, out_ch=out_ch, channels=channels, emb_dim=128, emb_scale=emb_scale,
                                 cond_dim=len(AUGMENT_LABELS) if augment else None, cond_optional=True)  # fmt: skip
 
     def forward(self, z: torch.Tensor, gamma: torch.Tensor, aug: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(z, gamma, cond=aug)
-
-
-def bound_on_split(model: VDM, split: str = "test", draws: int = 20, seed: int = 2) -> float:
-    """Mean negative ELBO in nats per image on a split, averaged over `draws` samples of (t, eps) per image."""
-    from dlearn import datasets
-
-    x, _ = datasets.digits(split)
-    g = torch.Generator().manual_seed(seed)
-    with torch.enable_grad():  # the estimator differentiates gamma(t) with respect to t
-        return torch.stack([model.neg_elbo_terms(x, g)["neg_elbo"].detach() for _ in range(draws)]).mean().item()
 
 
 def build_vdm(learned: bool = True, gamma_min: float = -10.0, gamma_max: float = 6.0, channels=(32, 64),
@@ -411,49 +401,3 @@ def build_vdm(learned: bool = True, gamma_min: float = -10.0, gamma_max: float =
     schedule = MonotoneLogSNR(gamma_min, gamma_max, hidden=64) if learned else LinearLogSNR(gamma_min, gamma_max)
     net = _LevelDenoiser(tuple(channels), out_ch=17 if parameterisation == "levels" else 1, augment=augment)
     return VDM(net, schedule, parameterisation)
-
-
-def protocol_metrics(model: VDM) -> dict[str, float]:
-    """The zoo's record: the test-split bound (20 draws of t and noise per image) in nats and bits/dim."""
-    from dlearn.distributions import nats_to_bits_per_dim
-
-    nats = bound_on_split(model, "test", draws=20)
-    return {"neg_elbo": nats, "neg_elbo_bpd": nats_to_bits_per_dim(nats, 64)}
-
-
-def train_vdm(
-    seed: int = 0,
-    max_steps: int = 3000,
-    learned: bool = True,
-    gamma_min: float = -10.0,
-    gamma_max: float = 6.0,
-    channels=(32, 64),
-    lr: float = 2e-3,
-    parameterisation: str = "levels",
-    augment: bool = False,
-    augment_p: float = 0.5,
-    progress: bool | None = None,
-):
-    """A recipe for the digits VDM: AdamW on the one-sample -ELBO, cosine decay, weight average, best validation bound.
-
-    `learned`: a `MonotoneLogSNR` schedule trained with the model (endpoints included), else `LinearLogSNR`.
-    `augment`: train on `datasets.augment_digits` (a share `augment_p` of each batch transformed, the
-    labels given to the denoiser); validation and test bounds are of the untransformed digits.
-    """
-    from dlearn import datasets
-    from dlearn.train import TrainConfig, fit
-
-    x_train, _ = datasets.digits("train")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_vdm(learned, gamma_min, gamma_max, channels, parameterisation, augment)
-
-    def loss_fn(m, batch, gen):
-        if not augment:
-            return m.neg_elbo_terms(batch[0], gen)["neg_elbo"].mean()
-        x, labels = datasets.augment_digits(batch[0], augment_p, gen)
-        return m.neg_elbo_terms(x, gen, aug=labels)["neg_elbo"].mean()
-
-    cfg = TrainConfig(max_steps=max_steps, lr=lr, lr_schedule="cosine", ema=0.999, eval_every=200, seed=seed, progress=progress)
-    result = fit(model, loss_fn, (x_train,), cfg, val_fn=lambda m: bound_on_split(m, "val", draws=8, seed=1))
-    return model.eval(), result

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from dlearn.studies.controlnet import condition_fidelity
+
 
 def latent_explorer(decode: Callable[[torch.Tensor], torch.Tensor], limit: float = 3.0, step: float = 0.05):
     """Two sliders (z_1, z_2) that decode a 2-D latent into a digit, live.
@@ -140,7 +142,7 @@ def score_field(mixture, alpha_bar: torch.Tensor, n: int = 300, grid: int = 15, 
     some samples an arrow to Tweedie's E[x0 | x_t].
 
     Args:
-        mixture: a 2-D `datasets.GaussianMixture` (its score and posterior mean are exact).
+        mixture: a 2-D `toys.GaussianMixture` (its score and posterior mean are exact).
         alpha_bar: the schedule, shape (T,).
 
     Returns:
@@ -248,7 +250,6 @@ def control_explorer(generate: Callable[[torch.Tensor, list[str], float], torch.
     import ipywidgets as W
     import matplotlib.pyplot as plt
 
-    from dlearn.controlnet import condition_fidelity
 
     if not masks:
         raise ValueError("masks must name at least one starting mask")

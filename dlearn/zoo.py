@@ -1,33 +1,41 @@
-"""The small weights the book ships: each with the recipe that trains it and the metrics it reaches.
+"""The registry of the weights the book ships: each with the recipe that trains it and the metrics it reaches.
 
     from dlearn import zoo
     clf = zoo.load("digits_classifier")      # an nn.Module in eval mode, gradients off
     zoo.info("digits_classifier")            # recipe, training seconds, metrics, versions
 
-Retrain one (writes dlearn/weights/<name>.safetensors with its metrics):
+Retrain one (writes dlearn/weights/<name>.safetensors with its metrics), or re-measure what it records:
 
     python -m dlearn.zoo train digits_classifier
+    python -m dlearn.zoo check vdm --full
     python -m dlearn.zoo list
 
-The registry names functions as "module:attribute" strings, imported only when used, so that the
-zoo can list later chapters' models without importing them (and `import dlearn` stays light).
+The recipes and metrics live in `dlearn.studies`; the registry imports them, and stands after them in
+the package's layering, so no chapter module depends on it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dlearn.train import WeightsFileError, load_safetensors, load_state_into, save_safetensors
-
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+from dlearn import controlnet, diffusion, hvae, metrics, shipped, text2image, vae, vdm
+from dlearn.studies import classifier as classifier_study
+from dlearn.studies import controlnet as controlnet_study
+from dlearn.studies import diffusion as diffusion_study
+from dlearn.studies import dreambooth as dreambooth_study
+from dlearn.studies import hvae as hvae_study
+from dlearn.studies import text2image as text2image_study
+from dlearn.studies import vae as vae_study
+from dlearn.studies import vdm as vdm_study
+from dlearn.train import WeightsFileError, save_safetensors
 
 
 @dataclass(frozen=True)
@@ -35,37 +43,40 @@ class Entry:
     """One shipped model.
 
     Args:
-        build: "module:callable" returning the untrained nn.Module (called with `config`).
-        recipe: "module:callable" (seed=..., **config, **recipe_kwargs) -> (trained model, TrainResult).
-        evaluate: "module:callable" model -> {metric name: float}, the numbers recorded and re-checked.
+        build: returns the untrained nn.Module (called with `config`).
+        recipe: (seed=..., **config, **recipe_kwargs) -> (trained model, TrainResult).
+        evaluate: model -> {metric name: float}, the numbers recorded and re-checked.
         description: one line for `zoo list`.
         config: the architecture, passed to both `build` and `recipe`.
         recipe_kwargs: further settings of the recipe only.
         seeds: the recipe runs once per seed; the first seed's weights ship, and the record holds every
             seed's metrics with their mean and standard deviation.
         tolerance: how far a re-evaluation may move each metric (absolute) before the check fails.
-        quick_evaluate: "module:callable" model -> a subset of the metrics, cheap enough for the test
-            suite; `check` uses it unless asked for the full evaluation (None: `evaluate` is cheap).
+        quick_evaluate: model -> a subset of the metrics, cheap enough for the test suite; `check` uses
+            it unless asked for the full evaluation (None: `evaluate` is cheap).
     """
 
-    build: str
-    recipe: str
-    evaluate: str
+    build: Callable[..., nn.Module]
+    recipe: Callable
+    evaluate: Callable[[nn.Module], dict]
     description: str
     config: dict = field(default_factory=dict)
     recipe_kwargs: dict = field(default_factory=dict)
     seeds: tuple[int, ...] = (0,)
     tolerance: float = 1e-6
-    quick_evaluate: str | None = None
+    quick_evaluate: Callable[[nn.Module], dict] | None = None
 
 
-def _latent_model(module: str, description: str, config: dict, recipe_kwargs: dict, seeds=(0,)) -> Entry:
+def _latent_model(kind: str, description: str, config: dict, recipe_kwargs: dict, seeds=(0,)) -> Entry:
     """An entry of chapter 02 ("vae") or 03 ("hvae"): its model class, recipe and likelihood protocol."""
-    model_class = {"vae": "ConvVAE", "hvae": "HVAE"}[module]
+    build, recipe, evaluate = {
+        "vae": (vae.ConvVAE, vae_study.train_vae, vae_study.protocol_metrics),
+        "hvae": (hvae.HVAE, hvae_study.train_hvae, hvae_study.protocol_metrics),
+    }[kind]
     return Entry(
-        build=f"dlearn.{module}:{model_class}",
-        recipe=f"dlearn.{module}:train_{module}",
-        evaluate=f"dlearn.{module}:protocol_metrics",
+        build=build,
+        recipe=recipe,
+        evaluate=evaluate,
         description=description,
         config=config,
         recipe_kwargs=recipe_kwargs,
@@ -82,9 +93,9 @@ def _vdm_entry(description: str, learned: bool, parameterisation: str | None = N
     if parameterisation is not None:
         config["parameterisation"] = parameterisation
     return Entry(
-        build="dlearn.vdm:build_vdm",
-        recipe="dlearn.vdm:train_vdm",
-        evaluate="dlearn.vdm:protocol_metrics",
+        build=vdm.build_vdm,
+        recipe=vdm_study.train_vdm,
+        evaluate=vdm_study.protocol_metrics,
         description=description,
         config=config,
         recipe_kwargs={"max_steps": 5000, **({"augment_p": 0.5} if augment else {})},
@@ -95,9 +106,9 @@ def _vdm_entry(description: str, learned: bool, parameterisation: str | None = N
 
 REGISTRY: dict[str, Entry] = {
     "digits_classifier": Entry(
-        build="dlearn.metrics:DigitClassifier",
-        recipe="dlearn.metrics:train_classifier",
-        evaluate="dlearn.metrics:classifier_metrics",
+        build=metrics.DigitClassifier,
+        recipe=classifier_study.train_classifier,
+        evaluate=classifier_study.classifier_metrics,
         description="small CNN on the digits (train split, best val accuracy): accuracy, FD features",
         tolerance=1e-4,
     ),
@@ -138,14 +149,14 @@ REGISTRY: dict[str, Entry] = {
     "vdm_noaug": _vdm_entry("chapter 04's comparison: vdm trained without augmentation; 3 seeds", True, augment=False),
     **{
         name: Entry(
-            build="dlearn.diffusion:build_ddpm",
-            recipe="dlearn.diffusion:train_ddpm",
-            evaluate="dlearn.diffusion:protocol_metrics",
+            build=diffusion.build_ddpm,
+            recipe=diffusion_study.train_ddpm,
+            evaluate=diffusion_study.protocol_metrics,
             description=f"chapter 05's DDPM: conv denoiser, linear schedule, {desc}; FD, memorisation, bound",
             config={"prediction_type": pred, "channels": (32, 64), "dropout": 0.1},
             recipe_kwargs={"max_steps": 6000, "weighting": weighting},
             tolerance=0.05,
-            quick_evaluate="dlearn.diffusion:quick_metrics",
+            quick_evaluate=diffusion_study.quick_metrics,
         )
         for name, pred, weighting, desc in (
             ("ddpm", "eps", "simple", "eps-prediction, L_simple"),
@@ -157,39 +168,39 @@ REGISTRY: dict[str, Entry] = {
         )
     },
     "ddpm_class": Entry(
-        build="dlearn.diffusion:build_ddpm",
-        recipe="dlearn.diffusion:train_ddpm",
-        evaluate="dlearn.diffusion:class_protocol_metrics",
+        build=diffusion.build_ddpm,
+        recipe=diffusion_study.train_ddpm,
+        evaluate=diffusion_study.class_protocol_metrics,
         description="chapter 05's class-conditional DDPM (eps, L_simple), 3000 steps; sampled with the train "
         "split's class proportions: FD, memorisation, bound given the label; 3 seeds",
         config={"prediction_type": "eps", "channels": (32, 64), "dropout": 0.1, "num_classes": 10},
         recipe_kwargs={"max_steps": 3000, "eval_every": 500},
         seeds=(0, 1, 2),
         tolerance=0.05,
-        quick_evaluate="dlearn.diffusion:quick_metrics",
+        quick_evaluate=diffusion_study.quick_metrics,
     ),
     "vdm_eps": _vdm_entry(
         "chapter 04's comparison: vdm with plain eps-prediction instead of the 17-level denoiser", True, "eps", seeds=(0,)
     ),
     "text2image": Entry(
-        build="dlearn.text2image:TextToImage",
-        recipe="dlearn.text2image:train_text2image",
-        evaluate="dlearn.text2image:protocol_metrics",
+        build=text2image.TextToImage,
+        recipe=text2image_study.train_text2image,
+        evaluate=text2image_study.protocol_metrics,
         description="chapter 07's tiny text-to-image model: text encoder + UNet2DConditionModel, prompt dropout 0.1",
         recipe_kwargs={"max_steps": 5000},
         tolerance=0.05,
-        quick_evaluate="dlearn.text2image:quick_metrics",
+        quick_evaluate=text2image_study.quick_metrics,
     ),
     **{
         name: Entry(
-            build="dlearn.controlnet:ControlNet",
-            recipe="dlearn.controlnet:train_controlnet",
-            evaluate="dlearn.controlnet:protocol_metrics",
+            build=controlnet.ControlNet,
+            recipe=controlnet_study.train_controlnet,
+            evaluate=controlnet_study.protocol_metrics,
             description=description,
             config={"control": control},
             recipe_kwargs={"max_steps": steps},
             tolerance=0.02,
-            quick_evaluate="dlearn.controlnet:quick_metrics",
+            quick_evaluate=controlnet_study.quick_metrics,
         )
         for name, control, steps, description in (
             ("controlnet", "mask", 1500, "chapter 08's ControlNet on the locked text2image base: control = the digit's mask"),
@@ -198,9 +209,9 @@ REGISTRY: dict[str, Entry] = {
         )
     },
     "dreambooth": Entry(
-        build="dlearn.text2image:TextToImage",
-        recipe="dlearn.dreambooth:train_dreambooth",
-        evaluate="dlearn.dreambooth:protocol_metrics",
+        build=text2image.TextToImage,
+        recipe=dreambooth_study.train_dreambooth,
+        evaluate=dreambooth_study.protocol_metrics,
         description="chapter 09's DreamBooth: text2image fine-tuned on 5 images of one style of three, with prior preservation",
         recipe_kwargs={"max_steps": 300},
         tolerance=0.02,
@@ -214,11 +225,6 @@ REGISTRY: dict[str, Entry] = {
 }
 
 
-def _resolve(target: str):
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def _entry(name: str) -> Entry:
     if name not in REGISTRY:
         raise KeyError(f"no model named {name!r} in the zoo; known: {sorted(REGISTRY)}")
@@ -228,36 +234,29 @@ def _entry(name: str) -> Entry:
 def weights_path(name: str) -> Path:
     """Where the shipped weights of `name` live."""
     _entry(name)
-    return WEIGHTS_DIR / f"{name}.safetensors"
-
-
-def _hint(name: str) -> str:
-    return f"Recreate it with `python -m dlearn.zoo train {name}` (or restore it with `git checkout -- dlearn/weights`)."
+    return shipped.path(name)
 
 
 def info(name: str) -> dict:
     """The metadata stored with the weights: recipe, seed, training seconds, metrics, versions."""
-    return load_safetensors(weights_path(name), hint=_hint(name))[1]
+    _entry(name)
+    return shipped.info(name)
 
 
 def build(name: str) -> nn.Module:
     """An untrained model of the entry's architecture."""
     entry = _entry(name)
-    return _resolve(entry.build)(**entry.config)
+    return entry.build(**entry.config)
 
 
 def load(name: str, device: str | torch.device = "cpu") -> nn.Module:
     """The shipped model `name`, in eval mode with gradients switched off."""
-    path = weights_path(name)
-    tensors, _ = load_safetensors(path, hint=_hint(name))
-    model = build(name)
-    load_state_into(model, tensors, path)
-    return model.to(device).eval().requires_grad_(False)
+    return shipped.load(build(name), name, device)
 
 
 def evaluate(name: str, model: nn.Module) -> dict[str, float]:
     """Recompute the entry's metrics for `model`."""
-    return {k: float(v) for k, v in _resolve(_entry(name).evaluate)(model).items()}
+    return {k: float(v) for k, v in _entry(name).evaluate(model).items()}
 
 
 def check(name: str, full: bool = False) -> dict[str, tuple[float, float]]:
@@ -272,7 +271,7 @@ def check(name: str, full: bool = False) -> dict[str, tuple[float, float]]:
     """
     entry = _entry(name)
     measured = evaluate(name, load(name)) if full or entry.quick_evaluate is None else {
-        k: float(v) for k, v in _resolve(entry.quick_evaluate)(load(name)).items()}  # fmt: skip
+        k: float(v) for k, v in entry.quick_evaluate(load(name)).items()}  # fmt: skip
     recorded = {k: v for k, v in info(name)["metrics"].items() if k in measured or full or entry.quick_evaluate is None}
     tol = entry.tolerance
     report = {k: (recorded[k], measured.get(k, float("nan"))) for k in recorded}
@@ -298,7 +297,7 @@ def train(name: str, seed: int | None = None, save: bool = True, measure: bool =
     runs, models, histories = [], [], []
     for s in seeds:
         start = time.perf_counter()
-        model, result = _resolve(entry.recipe)(seed=s, **kwargs)
+        model, result = entry.recipe(seed=s, **kwargs)
         seconds = round(time.perf_counter() - start, 1)
         runs.append({"seed": s, "steps": result.steps, "best_step": result.best_step, "best_val": result.best_metric,
                      "train_seconds": seconds, "metrics": evaluate(name, model) if measure else {}})  # fmt: skip
@@ -309,7 +308,7 @@ def train(name: str, seed: int | None = None, save: bool = True, measure: bool =
     std = {k: (sum((r["metrics"][k] - mean[k]) ** 2 for r in runs) / max(1, len(runs) - 1)) ** 0.5 for k in keys}
     metadata = {
         "name": name,
-        "recipe": entry.recipe,
+        "recipe": f"{entry.recipe.__module__}:{entry.recipe.__name__}",
         "recipe_kwargs": kwargs,
         **{k: runs[0][k] for k in ("seed", "steps", "best_step", "best_val", "train_seconds", "metrics")},
         "history": histories[0],

@@ -117,9 +117,9 @@ def test_bad_eta():
 
 
 def test_ddim_sampler_with_the_exact_noise_recovers_the_mixture():
-    from dlearn import datasets
+    from dlearn import toys
 
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     ab = schedules.alpha_bar_from_betas(schedules.linear_betas(1000).double())
     eps_star = lambda x, t: mix.eps_star(x, ab[t])  # noqa: E731
     x_T = torch.randn(6000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

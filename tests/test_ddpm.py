@@ -168,9 +168,9 @@ def test_check_P6_posterior_coefficients_in_both_notations():
 
 
 def test_check_P8_ancestral_sampling_with_the_exact_noise_recovers_the_mixture():
-    from dlearn import datasets
+    from dlearn import toys
 
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     ab = _ab64()
     eps_star = lambda x, t: mix.eps_star(x, ab[t])  # noqa: E731
     x_T = torch.randn(10_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

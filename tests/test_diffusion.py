@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dlearn import datasets, ddpm, diffusion, distributions, metrics, nets, schedules, vdm
+from dlearn import datasets, ddpm, diffusion, distributions, metrics, nets, schedules, toys, vdm
 
 
 def _ab64(name="linear"):
@@ -116,7 +116,7 @@ def test_check_P10_vlb_weights_are_largest_at_small_t():
 
 
 def test_check_P11_one_step_helps_and_training_reaches_the_bayes_error():
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     ab = _ab64()
     t = 300
     g = torch.Generator().manual_seed(0)
@@ -151,7 +151,7 @@ def test_check_P11_one_step_helps_and_training_reaches_the_bayes_error():
 
 
 def test_check_P13_eps_prediction_is_a_score_estimate(gen):
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     ab = _ab64()
     x = 2 * torch.randn(500, 2, generator=gen, dtype=torch.float64)
     for t in (10, 300, 900):
@@ -299,22 +299,6 @@ def test_an_augmented_ddpm_samples_the_plain_digits_when_given_no_labels(gen):
         diffusion.training_loss(diffusion.DigitsDDPM(channels=(8, 16)), x, gen, aug=labels)
 
 
-def test_quality_over_seeds_averages_sample_quality(tiny):
-    out = diffusion.quality_over_seeds(tiny, "ddim", 3, seeds=(0, 1), n=64)
-    singles = [diffusion.sample_quality(diffusion.generate(tiny, 64, "ddim", 3, seed=s, progress=False)) for s in (0, 1)]
-    assert out["fd"] == [q["fd"] for q in singles] and out["memorisation"] == [q["memorisation"] for q in singles]
-    assert out["fd_mean"] == pytest.approx(sum(out["fd"]) / 2)
-    assert out["fd_std"] == pytest.approx(abs(out["fd"][0] - out["fd"][1]) / math.sqrt(2))
-    from dlearn import zoo
-
-    clf = zoo.load("digits_classifier")
-    x = distributions.levels_to_unit(distributions.unit_to_levels(diffusion.generate(tiny, 64, "ddim", 3, seed=1, progress=False)))
-    assert out["class_counts"][1] == torch.bincount(metrics.predict(clf, x).argmax(1), minlength=10).tolist()
-    assert [sum(c) for c in out["class_counts"]] == [64, 64]
-    with pytest.raises(ValueError, match="at least one sampling seed"):
-        diffusion.quality_over_seeds(tiny, seeds=())
-
-
 @pytest.fixture(scope="module")
 def tiny_class():
     torch.manual_seed(0)
@@ -344,17 +328,6 @@ def test_generate_samples_a_class_conditional_model_with_stratified_labels(tiny_
     assert anc.shape == (30, 1, 8, 8) and torch.isfinite(anc).all()
 
 
-def test_quality_over_seeds_with_independent_labels(tiny_class):
-    out = diffusion.quality_over_seeds(tiny_class, "ddim", 3, seeds=(0, 1), n=64, labels="iid")
-    freq = torch.bincount(datasets.digits("train")[1], minlength=10).double()
-    for s, fd in zip((0, 1), out["fd"], strict=True):
-        lab = torch.multinomial(freq, 64, replacement=True, generator=torch.Generator().manual_seed(s))
-        x = diffusion.generate(tiny_class, 64, "ddim", 3, seed=s, progress=False, labels=lab)
-        assert fd == diffusion.sample_quality(x)["fd"]
-    strat = diffusion.quality_over_seeds(tiny_class, "ddim", 3, seeds=(0,), n=64)
-    assert strat["fd"] == [diffusion.sample_quality(diffusion.generate(tiny_class, 64, "ddim", 3, seed=0, progress=False))["fd"]]
-
-
 def test_class_conditional_bad_input(tiny, tiny_class):
     x = torch.zeros(3, 1, 8, 8)
     t = torch.zeros(3, dtype=torch.long)
@@ -372,16 +345,3 @@ def test_class_conditional_bad_input(tiny, tiny_class):
         diffusion.generate(tiny_class, 3, "ddim", 2, labels=torch.tensor([0, 10, 2]))
     with pytest.raises(ValueError, match="num_classes must be None or an integer >= 2"):
         diffusion.DigitsDDPM(num_classes=1)
-    with pytest.raises(ValueError, match="num_classes must be None or 10"):
-        diffusion.train_ddpm(max_steps=1, num_classes=9)
-    with pytest.raises(ValueError, match="needs a class-conditional model"):
-        diffusion.quality_over_seeds(tiny, labels="iid")
-    with pytest.raises(ValueError, match="'stratified' or 'iid'"):
-        diffusion.quality_over_seeds(tiny_class, labels="uniform")
-
-
-def test_train_ddpm_trains_a_class_conditional_model():
-    model, result = diffusion.train_ddpm(max_steps=4, eval_every=4, channels=(8, 16), num_classes=10, progress=False)
-    assert model.num_classes == 10 and result.steps == 4
-    record = result.history[-1]
-    assert math.isfinite(record["val"]) and math.isfinite(record["val_bound"]) and 0 <= record["val_memorisation"] <= 1

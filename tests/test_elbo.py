@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from dlearn import datasets, elbo
+from dlearn import elbo, toys
 
 MVN = torch.distributions.MultivariateNormal
 
 
 @pytest.fixture
 def tb1():
-    return datasets.linear_gaussian(d=5, k=2, sigma2=0.3, seed=1)
+    return toys.linear_gaussian(d=5, k=2, sigma2=0.3, seed=1)
 
 
 def _random_q(gen, n, k, scale=1.0):
@@ -44,7 +44,7 @@ def test_check_E2_three_ways_to_log_p_agree(tb1, gen):
 def test_check_E2_naive_monte_carlo_degrades_with_dimension(gen):
     stats = {}
     for d in (5, 20):
-        model = datasets.linear_gaussian(d=d, k=2, sigma2=0.3, seed=1)
+        model = toys.linear_gaussian(d=d, k=2, sigma2=0.3, seed=1)
         x, _ = model.sample(1, gen)
         logs = torch.stack([elbo.naive_log_evidence(model, x, 1000, gen)[0] for _ in range(2000)])
         rel = (logs - model.log_marginal(x)[0]).exp()  # p_hat / p

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dlearn import datasets, ddim, guidance, schedules
+from dlearn import ddim, guidance, schedules, toys
 
 
 def _ab():
@@ -11,7 +11,7 @@ def _ab():
 
 
 def test_check_G1_classifier_guidance_is_bayes_rule_on_scores(gen):
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     x = 2 * torch.randn(100, 2, generator=gen, dtype=torch.float64)
     for a in (0.9, 0.3, 0.01):
         for y in range(3):
@@ -20,7 +20,7 @@ def test_check_G1_classifier_guidance_is_bayes_rule_on_scores(gen):
 
 
 def test_check_G2_the_guidance_scale_sharpens_the_class():
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     ab = _ab()
     x_T = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     post, spread = [], []
@@ -46,7 +46,7 @@ def test_check_G3_three_forms_of_classifier_free_guidance(gen):
         torch.testing.assert_close(-((1 - a) ** 0.5) * guidance.cfg_score(s_u, s_c, w), ref, rtol=1e-12, atol=1e-12)
     assert torch.equal(guidance.cfg(e_u, e_c, 1.0), e_c) and torch.equal(guidance.cfg(e_u, e_c, 0.0), e_u)
     # w = 1 and w = 0 reproduce the conditional and unconditional samplers exactly
-    mix, ab = datasets.mixture_2d(), _ab()
+    mix, ab = toys.mixture_2d(), _ab()
     x_T = torch.randn(300, 2, generator=gen, dtype=torch.float64)
     cond = ddim.sample(lambda x, t: mix.component(1).eps_star(x, ab[t]), x_T, ab, 50, progress=False)
     uncond = ddim.sample(lambda x, t: mix.eps_star(x, ab[t]), x_T, ab, 50, progress=False)
@@ -57,7 +57,7 @@ def test_check_G3_three_forms_of_classifier_free_guidance(gen):
 
 
 def test_check_G4_condition_dropout_trains_both_branches():
-    mix, ab = datasets.mixture_2d(), _ab()
+    mix, ab = toys.mixture_2d(), _ab()
     errs = {p: guidance.branch_errors(guidance.train_class_conditional_mlp(mix, ab, p, steps=3000), mix) for p in (0.0, 0.1, 0.5)}
     (cond0, uncond0), (cond1, uncond1), (cond5, uncond5) = errs[0.0], errs[0.1], errs[0.5]
     assert uncond0 > 20 * max(uncond1, uncond5)  # never trained: the "no class" branch is far off
@@ -66,7 +66,7 @@ def test_check_G4_condition_dropout_trains_both_branches():
 
 
 def test_check_G5_guidance_trades_diversity_for_fidelity():
-    mix, ab = datasets.mixture_2d(), _ab()
+    mix, ab = toys.mixture_2d(), _ab()
     x_T = torch.randn(300, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     dist, std = {}, {}
     for w in (1.0, 3.0, 7.5):
@@ -81,7 +81,7 @@ def test_check_G5_guidance_trades_diversity_for_fidelity():
 def test_check_G6_guidance_breaks_the_exact_invertibility_of_ddim():
     """DDIM inversion, then sampling with the same guided eps: the round trip misses x0 by the discretisation
     error at w = 1 (eps is evaluated at the wrong end of each step) and by several times more as w grows."""
-    mix, ab = datasets.mixture_2d(), _ab()
+    mix, ab = toys.mixture_2d(), _ab()
     x0 = mix.component(0).sample(200, torch.Generator().manual_seed(0))[0]
     n = 50
     errors = {}

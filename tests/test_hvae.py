@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from dlearn import datasets, elbo, hvae
+from dlearn import datasets, elbo, hvae, toys
 
 
 @pytest.fixture
 def tb1_2():
-    return datasets.two_level_linear_gaussian()
+    return toys.two_level_linear_gaussian()
 
 
 def test_check_H1_ancestral_samples_of_the_chain(tb1_2, gen):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dlearn import datasets, ddim, schedules
+from dlearn import datasets, ddim, schedules, toys
 from dlearn import inversion as I
 
 
@@ -14,7 +14,7 @@ def alpha_bar():
 
 @pytest.fixture(scope="module")
 def tb7(alpha_bar):
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     x0 = mix.component(0).sample(100, torch.Generator().manual_seed(0))[0]
     return mix, x0, I.MixtureWorld(mix, torch.zeros(100, dtype=torch.long), alpha_bar)
 

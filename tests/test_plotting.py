@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from dlearn import datasets, plotting
+from dlearn import datasets, plotting, toys
 
 
 def test_grid_array_places_each_image():
@@ -20,7 +20,7 @@ def test_grid_array_places_each_image():
 
 
 def test_density_grid_evaluates_the_log_density():
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     gx, gy, logp = plotting.density_grid(mix.log_prob, (-3, 3), (-2, 2), n=7)
     assert gx.shape == gy.shape == logp.shape == (7, 7)
     pt = torch.tensor([[gx[2, 5], gy[2, 5]]], dtype=torch.float64)
@@ -29,7 +29,7 @@ def test_density_grid_evaluates_the_log_density():
 
 
 def test_plots_draw_and_check_shapes():
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     x, labels = mix.sample(100, torch.Generator().manual_seed(0))
     fig, axes = plt.subplots(1, 3)
     plotting.plot_density_2d(mix.log_prob, axes[0], n=20)

@@ -1,4 +1,4 @@
-"""Chapter 04's schedules against diffusers' own (exact) and the reference constants of CONCEPTS.md."""
+"""Chapter 04's schedules against diffusers' own (exact) and the constants their papers give."""
 
 import pytest
 import torch

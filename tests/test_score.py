@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dlearn import datasets, ddim, ddpm, metrics, schedules, score, vdm
+from dlearn import ddim, ddpm, metrics, schedules, score, toys, vdm
 
 
 def _ab64():
@@ -35,7 +35,7 @@ def test_check_S1_tweedie_in_one_dimension_by_quadrature():
 
 
 def test_check_S2_tweedie_for_the_diffused_mixture_at_every_t():
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     ab = _ab64()
     x = 2 * torch.randn(200, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     worst = 0.0
@@ -46,7 +46,7 @@ def test_check_S2_tweedie_for_the_diffused_mixture_at_every_t():
 
 def test_check_S3_posterior_mean_in_score_form(gen):
     ab = _ab64()
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     x_t = torch.randn(50, 2, generator=gen, dtype=torch.float64)
     for t in (1, 300, 999):
         s = mix.score(x_t, ab[t])
@@ -68,7 +68,7 @@ def test_check_S4_score_weight_is_the_eps_weight_rescaled(gen):
 
 
 def test_check_S5_the_score_is_minus_the_expected_noise_over_sigma(gen):
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     ab = _ab64()
     t = 300
     x0, _ = mix.sample(200_000, gen)
@@ -81,7 +81,7 @@ def test_check_S5_the_score_is_minus_the_expected_noise_over_sigma(gen):
 
 
 def test_check_S6_the_score_points_against_the_noise(gen):
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     ab = _ab64()
     x0, _ = mix.sample(20_000, gen)
     for t in (10, 300, 700, 999):
@@ -95,7 +95,7 @@ def test_check_S6_the_score_points_against_the_noise(gen):
 
 
 def test_check_S7_three_targets_give_identical_trajectories():
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     ab = _ab64()
     eps_fn = lambda x, t: mix.eps_star(x, ab[t])  # noqa: E731
     x0_fn = lambda x, t: score.x0_from_score(x, score.score_from_eps(mix.eps_star(x, ab[t]), ab[t]), ab[t])  # noqa: E731
@@ -113,7 +113,7 @@ def test_check_S7_three_targets_give_identical_trajectories():
 
 
 def test_check_S8_denoising_and_explicit_score_matching_differ_by_a_constant(gen):
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     a = _ab64()[300]
     x0, _ = mix.sample(200_000, gen)
     eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
@@ -133,8 +133,8 @@ def test_check_S8_denoising_and_explicit_score_matching_differ_by_a_constant(gen
 
 
 def _unequal():
-    mix = datasets.mixture_2d()
-    return datasets.GaussianMixture(mix.means, mix.covs, torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64))
+    mix = toys.mixture_2d()
+    return toys.GaussianMixture(mix.means, mix.covs, torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64))
 
 
 def test_check_S9_plain_langevin_gets_the_weights_wrong_and_annealing_recovers_them():
@@ -151,7 +151,7 @@ def test_check_S9_plain_langevin_gets_the_weights_wrong_and_annealing_recovers_t
 
 
 def test_check_S10_the_normaliser_drops_out_of_the_score():
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     x = torch.randn(20, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     log_z = 3.7  # any constant
     energy = lambda y: -mix.log_prob(y) - log_z  # noqa: E731  p = exp(-f) / Z with f = energy
@@ -163,7 +163,7 @@ def test_check_S10_the_normaliser_drops_out_of_the_score():
 
 
 def test_probability_flow_is_the_limit_of_ddim_and_samples_the_target():
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     ab = _ab64()
     x_T = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     steps = schedules.inference_timesteps(1000, 50)
@@ -198,7 +198,7 @@ def test_bad_input():
 
 
 def test_a_network_trained_by_denoising_score_matching_learns_the_score():
-    mix = datasets.mixture_2d()
+    mix = toys.mixture_2d()
     ab = _ab64()
     net, losses = score.train_score_mlp(mix, ab, steps=1500, progress=False)
     assert sum(losses[-100:]) / 100 < sum(losses[:100]) / 100

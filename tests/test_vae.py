@@ -6,14 +6,14 @@ import pytest
 import scipy.stats
 import torch
 
-from dlearn import datasets, distributions, elbo, vae
+from dlearn import datasets, distributions, elbo, toys, vae
 
 MVN = torch.distributions.MultivariateNormal
 
 
 @pytest.fixture
 def tb1():
-    return datasets.linear_gaussian()
+    return toys.linear_gaussian()
 
 
 def _random_q(gen, n, k=2):

@@ -40,14 +40,14 @@ def test_forward_process_slider_moves():
 
 
 def test_score_field_moves_and_refuses_other_dimensions():
-    from dlearn import datasets
+    from dlearn import toys
 
     ab = schedules.alpha_bar_from_betas(schedules.linear_betas(100))
-    box = widgets.score_field(datasets.mixture_2d(), ab, n=50, grid=5)
+    box = widgets.score_field(toys.mixture_2d(), ab, n=50, grid=5)
     box.children[0].value = 99
     box.children[0].value = 0
     with pytest.raises(ValueError, match="2-D"):
-        widgets.score_field(datasets.gaussian_data(), ab)
+        widgets.score_field(toys.gaussian_data(), ab)
 
 
 def test_prompt_explorer_generates_and_reports_bad_prompts():
