@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 THREADS ?= 1
-# pytest workers for the unit tests (each with THREADS torch threads)
+# pytest workers for the tests and the notebooks (each with THREADS torch threads; a notebook stays whole on one)
 JOBS ?= 2
 # torch: on a machine without an NVIDIA GPU the set-up installs the CPU build named here; add
 # TORCH_CPU_INDEX="--index-url https://download.pytorch.org/whl/cpu" where PyPI's default wheel is a CUDA one.
@@ -18,7 +18,7 @@ TORCH_GPU ?= torch>=2.4
 NB ?=
 RUN := env OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE
 
-.PHONY: env book test unit notebooks lab lint clean
+.PHONY: env book test unit registry notebooks lab lint clean
 
 env: $(VENV)/.installed
 
@@ -37,16 +37,22 @@ $(VENV)/.installed: pyproject.toml
 book: env
 	$(RUN) $(PY) -m dlearn.book $(NB)
 
+# unit tests: every module against its oracles, on small inputs
 unit: env
-	$(RUN) $(PY) -m pytest -n $(JOBS) tests
+	$(RUN) $(PY) -m pytest -n $(JOBS) -m "not registry" tests
 
+# the weights registry: every recipe runs a few steps, every shipped file re-reaches its recorded metrics
+registry: env
+	$(RUN) $(PY) -m pytest -n $(JOBS) -m registry tests
+
+# every notebook runs and its checked outputs match; JOBS notebooks at once, each whole on one worker
 notebooks: env
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
 	  $(RUN) DLEARN_OUTPUT_DIR=build/test-output DLEARN_PROGRESS=0 $(PY) -m pytest --nbval-lax \
-	    --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout=600 notebooks; \
+	    -n $(JOBS) --dist loadfile --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-cell-timeout=600 notebooks; \
 	else echo "no notebooks yet: nothing for nbval to check"; fi
 
-test: unit notebooks
+test: unit registry notebooks
 
 lab: env
 	$(VENV)/bin/jupyter lab notebooks

@@ -6,7 +6,7 @@
 (Song et al. 2021, Eq. 12 and 16.) Matches diffusers' `DDIMScheduler.step` and
 `DDIMInverseScheduler.step` exactly, including its rule that the previous step is always
 t - T // N whatever the timestep spacing (which is off by one for some spacings; see
-`previous_timestep`).
+`strided_previous_timestep`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dlearn.schedules import inference_timesteps
 from dlearn.train import show_progress
 
 
-def previous_timestep(timestep: int, num_train_steps: int, num_inference_steps: int) -> int:
+def strided_previous_timestep(timestep: int, num_train_steps: int, num_inference_steps: int) -> int:
     """diffusers' DDIM rule: t - T // N (not the next entry of the schedule's timesteps)."""
     return timestep - num_train_steps // num_inference_steps
 
@@ -127,7 +127,7 @@ def sample(
     ):
         out = model_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) if eta > 0 else None
-        prev = previous_timestep(t, num_train, num_inference_steps)
+        prev = strided_previous_timestep(t, num_train, num_inference_steps)
         x, _ = ddim_step(alpha_bar, t, prev, x, out, prediction_type, eta, clip, noise, final_alpha_bar)
         if return_trajectory:
             path.append(x)

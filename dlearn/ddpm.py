@@ -16,16 +16,11 @@ from __future__ import annotations
 
 import torch
 
+from dlearn.distributions import append_dims
 from dlearn.train import show_progress
 
 PREDICTION_TYPES = ("eps", "x0", "v")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
-
-
-def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Reshape a per-example tensor (B,) (or a scalar) to (B, 1, ..., 1) with `ndim` dimensions in all."""
-    v = torch.as_tensor(v)
-    return v.reshape(*v.shape, *([1] * (ndim - v.ndim)))
 
 
 def q_sample(x0: torch.Tensor, alpha_bar_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -89,7 +84,7 @@ def posterior_mean_var(x0: torch.Tensor, x_t: torch.Tensor, alpha_bar_t, alpha_b
     return mean, var
 
 
-def previous_timestep(timestep: int, timesteps: torch.Tensor | None = None) -> int:
+def next_in_schedule(timestep: int, timesteps: torch.Tensor | None = None) -> int:
     """The step after `timestep` in a sampling run: the next entry of `timesteps`, or timestep - 1 (-1 at the end)."""
     if timesteps is None:
         return timestep - 1

@@ -14,8 +14,8 @@ from torch import nn
 
 from dlearn import datasets, ddim
 from dlearn.datasets import AUGMENT_LABELS
-from dlearn.ddpm import PREDICTION_TYPES, append_dims, predict_x0_eps, q_sample, sample, velocity
-from dlearn.distributions import levels_to_unit, log_discretized_gaussian, unit_to_levels
+from dlearn.ddpm import PREDICTION_TYPES, predict_x0_eps, q_sample, sample, velocity
+from dlearn.distributions import append_dims, levels_to_unit, log_discretized_gaussian, unit_to_levels
 from dlearn.nets import ConvDenoiser
 from dlearn.schedules import alpha_bar_from_betas, make_betas
 from dlearn.vdm import prior_matching_kl, x0_loss_weight

@@ -25,6 +25,15 @@ HALF_BIN = 1.0 / (NUM_LEVELS - 1)
 LOG_2PI = math.log(2 * math.pi)
 
 
+def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Reshape a per-example tensor (B,) (or a scalar) to (B, 1, ..., 1) with `ndim` dimensions in all.
+
+    The book's one broadcasting helper: every per-example schedule value (alpha_bar_t, a variance) meets
+    a batch of images or points through it."""
+    v = torch.as_tensor(v)
+    return v.reshape(*v.shape, *([1] * (ndim - v.ndim)))
+
+
 def sum_except_batch(x: torch.Tensor) -> torch.Tensor:
     """Sum over every dimension but the first: shape (B, ...) -> (B,)."""
     if x.ndim == 0:

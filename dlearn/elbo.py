@@ -12,12 +12,45 @@ importance-weighted bound (Burda et al. 2016) that tightens the ELBO as its samp
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
 from dlearn.toys import LinearGaussianLatent
 
 MVN = torch.distributions.MultivariateNormal
+
+
+@dataclass(frozen=True)
+class BoundTerms:
+    """The terms of a negative ELBO, per example, in nats: every model of the book reports its bound so.
+
+        -ELBO = reconstruction + prior + latent
+
+    Each term is a cost, shape (B,):
+        reconstruction: -log p(x | z) at the latent nearest the data (one draw): the reconstruction NLL;
+            a diffusion's decoder term L_0.
+        prior: how far the top of the latent hierarchy is from its prior: KL(q(z | x) || p(z)) for a VAE,
+            the whole prior-matching part of an HVAE, KL(q(x_T | x_0) || N(0, I)) = L_T for a diffusion.
+        latent: the terms in between, zero where a model has none (a VAE, an HVAE): a diffusion's
+            denoising matching, sum_t L_{t-1}, or its continuous-time limit (Kingma et al. 2021, Eq. 17).
+        neg_elbo: the bound, computed by the model in the order it sums its terms.
+        parts: a model's finer split of a term, e.g. an HVAE's KL of each level ("kl1", "kl2").
+    """
+
+    reconstruction: torch.Tensor
+    prior: torch.Tensor
+    latent: torch.Tensor
+    neg_elbo: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        shape = self.neg_elbo.shape
+        for name in ("reconstruction", "prior", "latent"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.shape != shape:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"BoundTerms.{name} must be a tensor of the bound's shape {tuple(shape)}, got {got}")
 
 
 def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:

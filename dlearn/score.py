@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from dlearn.distributions import append_dims
 from dlearn.nets import MLP, sinusoidal_embedding
 from dlearn.toys import GaussianMixture
 from dlearn.train import show_progress
@@ -32,7 +33,7 @@ def _a(alpha_bar, like: torch.Tensor) -> torch.Tensor:
     a = torch.as_tensor(alpha_bar, dtype=like.dtype, device=like.device)
     if ((a <= 0) | (a > 1)).any():
         raise ValueError(f"alpha_bar must be in (0, 1], got {a.min().item()} .. {a.max().item()}")
-    return a.reshape(*a.shape, *([1] * (like.ndim - a.ndim)))
+    return append_dims(a, like.ndim)
 
 
 def tweedie_denoiser(z: torch.Tensor, score: torch.Tensor, noise_var) -> torch.Tensor:

@@ -10,14 +10,19 @@ is the registry's business (`dlearn.zoo`), which stands after the studies in the
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dlearn.train import load_safetensors, load_state_into
+from dlearn.train import WeightsFileError, load_safetensors, load_state_into
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+RESTORE = "restore it with `git checkout -- dlearn/weights`"
+RECORDS = "records.json"  # in WEIGHTS_DIR: {name: metadata} of models whose number ships without their weights
 
 
 def path(name: str) -> Path:
@@ -44,3 +49,38 @@ def load(model: nn.Module, name: str, device: str | torch.device = "cpu") -> nn.
     tensors, _ = load_safetensors(file, hint=hint(name))
     load_state_into(model, tensors, file)
     return model.to(device).eval().requires_grad_(False)
+
+
+def records() -> dict[str, dict]:
+    """Every record that ships without its weights: {name: the metadata its training wrote}."""
+    file = WEIGHTS_DIR / RECORDS
+    if not file.is_file():
+        return {}
+    try:
+        found = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsFileError(f"records file {file} is unreadable ({exc}); {RESTORE}") from exc
+    if not isinstance(found, dict):
+        raise WeightsFileError(f"records file {file} should hold a JSON object {{name: metadata}}, got {type(found).__name__}")
+    return found
+
+
+def record(name: str) -> dict:
+    """The metadata of `name` as its record ships it (recipe, seeds, metrics, history), without weights."""
+    found = records()
+    if name not in found:
+        raise WeightsFileError(f"no record named {name!r} in {WEIGHTS_DIR / RECORDS}. {hint(name)}")
+    return found[name]
+
+
+def save_record(name: str, metadata: dict) -> None:
+    """Write (or replace) the record of `name`, atomically: a crash leaves the previous file whole."""
+    path(name)  # validates the name
+    found = records()
+    found[name] = metadata
+    WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=WEIGHTS_DIR, prefix=".records-", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(dict(sorted(found.items())), indent=1, sort_keys=True) + "\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the records are package data
+    os.replace(tmp, WEIGHTS_DIR / RECORDS)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dlearn.datasets import AUGMENT_LABELS
-from dlearn.distributions import levels_to_unit, log_categorical_pixels
+from dlearn.distributions import append_dims, levels_to_unit, log_categorical_pixels
 from dlearn.nets import ConvDenoiser
 
 
@@ -48,7 +48,7 @@ def eps_loss_weight(alpha_bar_t, alpha_bar_prev):
 def kl_equal_variance(mean_q: torch.Tensor, mean_p: torch.Tensor, var) -> torch.Tensor:
     """KL(N(mean_q, var I) || N(mean_p, var I)) = |mean_q - mean_p|^2 / (2 var), per example (B,) (Luo eq. 92)."""
     var = torch.as_tensor(var, dtype=mean_q.dtype)
-    var = var.reshape(*var.shape, *([1] * (mean_q.ndim - var.ndim)))  # a scalar or one variance per example
+    var = append_dims(var, mean_q.ndim)  # a scalar or one variance per example
     return ((mean_q - mean_p) ** 2 / (2 * var)).reshape(mean_q.shape[0], -1).sum(1)
 
 

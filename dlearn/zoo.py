@@ -10,6 +10,11 @@ Retrain one (writes dlearn/weights/<name>.safetensors with its metrics), or re-m
     python -m dlearn.zoo check vdm --full
     python -m dlearn.zoo list
 
+Comparisons whose point is their numbers (ablations, other losses or schedules) ship their record only,
+in dlearn/weights/records.json: recipe, seeds, metrics and history, without the weights.
+`python -m dlearn.zoo train NAME --keep-weights` re-creates the weights, and `check NAME --full` retrains
+every recorded seed to re-measure the numbers.
+
 The recipes and metrics live in `dlearn.studies`; the registry imports them, and stands after them in
 the package's layering, so no chapter module depends on it.
 """
@@ -54,6 +59,9 @@ class Entry:
         tolerance: how far a re-evaluation may move each metric (absolute) before the check fails.
         quick_evaluate: model -> a subset of the metrics, cheap enough for the test suite; `check` uses
             it unless asked for the full evaluation (None: `evaluate` is cheap).
+        weights: True: the weights file ships (dlearn/weights/<name>.safetensors). False: a comparison whose
+            point is its numbers: only its record ships (dlearn/weights/records.json: recipe, seeds, metrics,
+            history); `train` re-creates the weights and `check --full` retrains to re-measure the numbers.
     """
 
     build: Callable[..., nn.Module]
@@ -65,9 +73,10 @@ class Entry:
     seeds: tuple[int, ...] = (0,)
     tolerance: float = 1e-6
     quick_evaluate: Callable[[nn.Module], dict] | None = None
+    weights: bool = True
 
 
-def _latent_model(kind: str, description: str, config: dict, recipe_kwargs: dict, seeds=(0,)) -> Entry:
+def _latent_model(kind: str, description: str, config: dict, recipe_kwargs: dict, seeds=(0,), weights: bool = True) -> Entry:
     """An entry of chapter 02 ("vae") or 03 ("hvae"): its model class, recipe and likelihood protocol."""
     build, recipe, evaluate = {
         "vae": (vae.ConvVAE, vae_study.train_vae, vae_study.protocol_metrics),
@@ -82,11 +91,12 @@ def _latent_model(kind: str, description: str, config: dict, recipe_kwargs: dict
         recipe_kwargs=recipe_kwargs,
         seeds=tuple(seeds),
         tolerance=0.05,  # nats: the metrics are Monte Carlo estimates with a fixed seed
+        weights=weights,
     )
 
 
 def _vdm_entry(description: str, learned: bool, parameterisation: str | None = None, seeds=(0, 1, 2),
-               augment: bool = True) -> Entry:  # fmt: skip
+               augment: bool = True, weights: bool = True) -> Entry:  # fmt: skip
     """An entry of chapter 04: the digits VDM (log-SNR from -10 to 6), 5000 steps, its test bound; trained
     with non-leaky augmentation (half of each batch) unless `augment` is False."""
     config = {"learned": learned, "gamma_min": -10.0, "gamma_max": 6.0, "channels": (32, 64), "augment": augment}
@@ -101,6 +111,7 @@ def _vdm_entry(description: str, learned: bool, parameterisation: str | None = N
         recipe_kwargs={"max_steps": 5000, **({"augment_p": 0.5} if augment else {})},
         seeds=tuple(seeds),
         tolerance=0.05,
+        weights=weights,
     )
 
 
@@ -140,13 +151,18 @@ REGISTRY: dict[str, Entry] = {
         "chapter 03's ablation: Luo's Markov encoder q(z1 | x) q(z2 | z1), otherwise as hvae",
         {"z1_channels": 2, "z2_dim": 8, "inference": "markov"},
         {"max_steps": 4000, "warmup_steps": 1000},
+        weights=False,
     ),
     "vdm": _vdm_entry(
         "chapter 04's continuous-time VDM: 17-level denoiser, learned schedule, non-leaky augmentation; test bound, 3 seeds",
         True,
     ),
-    "vdm_fixed": _vdm_entry("chapter 04's comparison: vdm with a fixed linear log-SNR schedule (same endpoints); 3 seeds", False),
-    "vdm_noaug": _vdm_entry("chapter 04's comparison: vdm trained without augmentation; 3 seeds", True, augment=False),
+    "vdm_fixed": _vdm_entry(
+        "chapter 04's comparison: vdm with a fixed linear log-SNR schedule (same endpoints); 3 seeds", False, weights=False
+    ),
+    "vdm_noaug": _vdm_entry(
+        "chapter 04's comparison: vdm trained without augmentation; 3 seeds", True, augment=False, weights=False
+    ),
     **{
         name: Entry(
             build=diffusion.build_ddpm,
@@ -157,14 +173,15 @@ REGISTRY: dict[str, Entry] = {
             recipe_kwargs={"max_steps": 6000, "weighting": weighting},
             tolerance=0.05,
             quick_evaluate=diffusion_study.quick_metrics,
+            weights=weights,
         )
-        for name, pred, weighting, desc in (
-            ("ddpm", "eps", "simple", "eps-prediction, L_simple"),
-            ("ddpm_x0", "x0", "simple", "x0-prediction, unweighted MSE"),
-            ("ddpm_v", "v", "simple", "v-prediction, unweighted MSE"),
-            ("ddpm_vlb", "eps", "vlb", "eps-prediction trained on the bound L_vlb"),
-            ("ddpm_levels", "levels", "simple", "chapter 04's 17-level denoiser, x0 MSE"),
-            ("ddpm_levels_vlb", "levels", "vlb", "chapter 04's 17-level denoiser trained on the bound L_vlb"),
+        for name, pred, weighting, desc, weights in (
+            ("ddpm", "eps", "simple", "eps-prediction, L_simple", True),
+            ("ddpm_x0", "x0", "simple", "x0-prediction, unweighted MSE", True),
+            ("ddpm_v", "v", "simple", "v-prediction, unweighted MSE", False),
+            ("ddpm_vlb", "eps", "vlb", "eps-prediction trained on the bound L_vlb", False),
+            ("ddpm_levels", "levels", "simple", "chapter 04's 17-level denoiser, x0 MSE", False),
+            ("ddpm_levels_vlb", "levels", "vlb", "chapter 04's 17-level denoiser trained on the bound L_vlb", False),
         )
     },
     "ddpm_class": Entry(
@@ -180,7 +197,11 @@ REGISTRY: dict[str, Entry] = {
         quick_evaluate=diffusion_study.quick_metrics,
     ),
     "vdm_eps": _vdm_entry(
-        "chapter 04's comparison: vdm with plain eps-prediction instead of the 17-level denoiser", True, "eps", seeds=(0,)
+        "chapter 04's comparison: vdm with plain eps-prediction instead of the 17-level denoiser",
+        True,
+        "eps",
+        seeds=(0,),
+        weights=False,
     ),
     "text2image": Entry(
         build=text2image.TextToImage,
@@ -238,9 +259,9 @@ def weights_path(name: str) -> Path:
 
 
 def info(name: str) -> dict:
-    """The metadata stored with the weights: recipe, seed, training seconds, metrics, versions."""
-    _entry(name)
-    return shipped.info(name)
+    """The metadata recorded when `name` was trained: recipe, seeds, training seconds, metrics, versions
+    (stored in its weights file, or in the records file for an entry that ships its record only)."""
+    return shipped.info(name) if _entry(name).weights else shipped.record(name)
 
 
 def build(name: str) -> nn.Module:
@@ -250,7 +271,18 @@ def build(name: str) -> nn.Module:
 
 
 def load(name: str, device: str | torch.device = "cpu") -> nn.Module:
-    """The shipped model `name`, in eval mode with gradients switched off."""
+    """The shipped model `name`, in eval mode with gradients switched off.
+
+    An entry that ships its record only loads once `python -m dlearn.zoo train NAME --keep-weights` has
+    written its weights file on this machine."""
+    entry = _entry(name)
+    if not entry.weights and not shipped.path(name).is_file():
+        seconds = info(name).get("train_seconds", "?")
+        raise WeightsFileError(
+            f"{name} ships its record only (its numbers, in dlearn/weights/{shipped.RECORDS}), not its weights. "
+            f"`python -m dlearn.zoo train {name} --keep-weights` retrains it (about {seconds} s per seed on one "
+            "CPU thread) and writes them."
+        )
     return shipped.load(build(name), name, device)
 
 
@@ -270,6 +302,8 @@ def check(name: str, full: bool = False) -> dict[str, tuple[float, float]]:
         {metric: (recorded, measured)} for the metrics re-measured.
     """
     entry = _entry(name)
+    if not entry.weights:
+        return _check_record(name, full)
     measured = evaluate(name, load(name)) if full or entry.quick_evaluate is None else {
         k: float(v) for k, v in entry.quick_evaluate(load(name)).items()}  # fmt: skip
     recorded = {k: v for k, v in info(name)["metrics"].items() if k in measured or full or entry.quick_evaluate is None}
@@ -281,9 +315,42 @@ def check(name: str, full: bool = False) -> dict[str, tuple[float, float]]:
     return report
 
 
-def train(name: str, seed: int | None = None, save: bool = True, measure: bool = True, **overrides) -> tuple[nn.Module, dict]:
+def _summary(runs: list[dict]) -> tuple[dict, dict]:
+    """Mean and (n - 1) standard deviation of each metric over the runs."""
+    keys = runs[0]["metrics"]
+    mean = {k: sum(r["metrics"][k] for r in runs) / len(runs) for k in keys}
+    std = {k: (sum((r["metrics"][k] - mean[k]) ** 2 for r in runs) / max(1, len(runs) - 1)) ** 0.5 for k in keys}
+    return mean, std
+
+
+def _check_record(name: str, full: bool) -> dict[str, tuple[float, float]]:
+    """An entry that ships its record only. Quick: the record agrees with itself (the first run is the
+    headline, mean and std are those of the runs). Full: retrain every recorded seed and re-measure."""
+    entry, rec = _entry(name), info(name)
+    runs = rec["runs"]
+    if [r["seed"] for r in runs] != list(entry.seeds) or runs[0]["metrics"] != rec["metrics"]:
+        raise AssertionError(f"{name}: the record's runs do not match the entry's seeds {entry.seeds} and headline metrics")
+    if not full:
+        mean, std = _summary(runs)
+        report = {f"mean {k}": (rec["mean"][k], mean[k]) for k in mean} | {f"std {k}": (rec["std"][k], std[k]) for k in std}
+        tol = 1e-9
+    else:
+        report = {}
+        for r in runs:
+            _, meta = train(name, seed=r["seed"], save=False)
+            report |= {f"seed {r['seed']} {k}": (v, meta["metrics"].get(k, float("nan"))) for k, v in r["metrics"].items()}
+        tol = entry.tolerance
+    bad = {k: v for k, v in report.items() if not abs(v[0] - v[1]) <= tol}
+    if bad:
+        raise AssertionError(f"{name}: the record no longer matches (tolerance {tol}): {bad}")
+    return report
+
+
+def train(name: str, seed: int | None = None, save: bool = True, measure: bool = True, keep_weights: bool = False,
+          **overrides) -> tuple[nn.Module, dict]:  # fmt: skip
     """Run the entry's recipe once per seed (or for `seed` alone), measure each run, and (by default)
-    write the first run's weights with the metadata of all runs.
+    write the first run's weights with the metadata of all runs; for an entry that ships its record
+    only, write the record (and the weights file too with `keep_weights`).
 
     Returns:
         the first run's model and the metadata: its metrics and training time, and under "runs" every
@@ -303,9 +370,7 @@ def train(name: str, seed: int | None = None, save: bool = True, measure: bool =
                      "train_seconds": seconds, "metrics": evaluate(name, model) if measure else {}})  # fmt: skip
         models.append(model)
         histories.append(result.history)
-    keys = runs[0]["metrics"]
-    mean = {k: sum(r["metrics"][k] for r in runs) / len(runs) for k in keys}
-    std = {k: (sum((r["metrics"][k] - mean[k]) ** 2 for r in runs) / max(1, len(runs) - 1)) ** 0.5 for k in keys}
+    mean, std = _summary(runs)
     metadata = {
         "name": name,
         "recipe": f"{entry.recipe.__module__}:{entry.recipe.__name__}",
@@ -318,8 +383,10 @@ def train(name: str, seed: int | None = None, save: bool = True, measure: bool =
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
-    if save:
+    if save and entry.weights or keep_weights:
         save_safetensors(weights_path(name), models[0].state_dict(), metadata)
+    if save and not entry.weights:
+        shipped.save_record(name, metadata)
     return models[0], metadata
 
 
@@ -330,6 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     p_train = sub.add_parser("train", help="run a recipe and write the weights")
     p_train.add_argument("name")
     p_train.add_argument("--seed", type=int, default=None, help="one seed instead of the entry's seeds")
+    p_train.add_argument(
+        "--keep-weights", action="store_true", help="also write the weights of an entry that ships its record only"
+    )
     p_check = sub.add_parser("check", help="re-evaluate shipped weights against their recorded metrics")
     p_check.add_argument("name")
     p_check.add_argument("--full", action="store_true", help="re-measure every metric (slow for the DDPMs)")
@@ -338,12 +408,13 @@ def main(argv: list[str] | None = None) -> None:
         for name, entry in REGISTRY.items():
             try:
                 meta = info(name)
-                status = f"{meta['train_seconds']} s, " + ", ".join(f"{k} {v:.4g}" for k, v in meta["metrics"].items())
+                status = "" if entry.weights else "record only, "
+                status += f"{meta['train_seconds']} s, " + ", ".join(f"{k} {v:.4g}" for k, v in meta["metrics"].items())
             except WeightsFileError as exc:
                 status = f"not available: {exc}"
             print(f"{name}: {entry.description}\n    {status}")
     elif args.command == "train":
-        _, meta = train(args.name, seed=args.seed)
+        _, meta = train(args.name, seed=args.seed, keep_weights=args.keep_weights)
         print(f"wrote {weights_path(args.name)}: {meta['train_seconds']} s, metrics {meta['metrics']}")
     else:
         for k, (rec, got) in check(args.name, full=args.full).items():

@@ -1,5 +1,6 @@
-"""Chapter 08: ControlNet. The mechanism on a seeded untrained base (fast); the trained claims and the shipped
-study are in tests/test_studies_controlnet.py."""
+"""Chapter 08: ControlNet. The mechanism on a seeded untrained base (fast); the trained claims are in
+tests/test_studies_controlnet.py, and those on the numbers recorded with the shipped weights and study in
+tests/test_records.py."""
 
 import hashlib
 

@@ -40,7 +40,7 @@ def test_ddim_step_matches_diffusers(schedule, ptype, eta, spacing, clip):
         assert torch.equal(ref.timesteps, schedules.inference_timesteps(1000, n, spacing))
         for t in ref.timesteps.tolist():
             expected = ref.step(out, t, x_t, eta=eta, variance_noise=noise if eta > 0 else None)
-            prev_t = ddim.previous_timestep(t, 1000, n)
+            prev_t = ddim.strided_previous_timestep(t, 1000, n)
             got, x0_hat = ddim.ddim_step(alpha_bar, t, prev_t, x_t, out, ptype, eta, clip, noise=noise)
             assert (got - expected.prev_sample).abs().max() <= 1e-5
             assert (x0_hat - expected.pred_original_sample).abs().max() <= 1e-5
@@ -55,7 +55,8 @@ def test_sd_style_final_alpha_bar():
     x_t, out, _ = _inputs(1)
     t = int(ref.timesteps[-1])  # the last step lands below 0: final alpha_bar = alpha_bar[0]
     expected = ref.step(out, t, x_t).prev_sample
-    got, _ = ddim.ddim_step(alpha_bar, t, ddim.previous_timestep(t, 1000, 10), x_t, out, final_alpha_bar=float(alpha_bar[0]))
+    prev = ddim.strided_previous_timestep(t, 1000, 10)
+    got, _ = ddim.ddim_step(alpha_bar, t, prev, x_t, out, final_alpha_bar=float(alpha_bar[0]))
     assert (got - expected).abs().max() <= 1e-5
 
 
@@ -99,7 +100,7 @@ def test_inversion_round_trip_is_exact_when_eps_does_not_depend_on_x():
     for t in up.tolist():
         x, _ = ddim.ddim_inverse_step(alpha_bar, t, 1000, n, x, eps)
     for t in up.flip(0).tolist():
-        x, _ = ddim.ddim_step(alpha_bar, t, ddim.previous_timestep(t, 1000, n), x, eps)
+        x, _ = ddim.ddim_step(alpha_bar, t, ddim.strided_previous_timestep(t, 1000, n), x, eps)
     torch.testing.assert_close(x, x0, atol=1e-10, rtol=0)
 
 

@@ -47,7 +47,7 @@ def test_strided_ddpm_matches_diffusers():
     x_t, out, _ = _inputs(1)
     for t in ref.timesteps.tolist():
         expected = ref.step(out, t, x_t, generator=torch.Generator().manual_seed(t)).prev_sample
-        prev_t = ddpm.previous_timestep(t, ref.timesteps)
+        prev_t = ddpm.next_in_schedule(t, ref.timesteps)
         noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(t)) if t > 0 else None
         got, _ = ddpm.ddpm_step(alpha_bar, t, x_t, out, noise=noise, prev_timestep=prev_t)
         assert (got - expected).abs().max() <= 1e-5
@@ -101,7 +101,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="variance_type"):
         ddpm.ddpm_step(alpha_bar, 0, x, x, variance_type="learned")
     with pytest.raises(ValueError, match="not one of"):
-        ddpm.previous_timestep(7, torch.tensor([9, 5, 1]))
+        ddpm.next_in_schedule(7, torch.tensor([9, 5, 1]))
     with pytest.raises(ValueError, match="eps must have"):
         ddpm.q_sample(x, 0.5, torch.zeros(3))
 

@@ -1,5 +1,5 @@
 """Chapter 09: DreamBooth. The loss weights, prompts, metric code and training mechanics here, and the claims on the
-shipped model; the claims on the shipped study are in test_studies_dreambooth.py."""
+shipped model; the claims on the shipped study are in test_records.py (B1 in test_studies_dreambooth.py)."""
 
 import pytest
 import torch

@@ -99,17 +99,15 @@ def test_training_loss_reduces_to_the_elbo_and_bad_config():
         hvae.elbo_terms(model, x[:2].float() / 16)
 
 
-def test_the_shipped_hvae_beats_the_vae_and_uses_both_levels():
+def test_the_shipped_hvae_uses_both_levels():
+    """Its recorded bound against the VAE's and the no-warm-up run's: tests/test_records.py."""
     from dlearn import zoo
 
-    assert zoo.info("hvae")["mean"]["neg_iwae_1000"] < zoo.info("vae")["mean"]["neg_iwae_1000"]
     model = zoo.load("hvae")
     x, _ = datasets.digits("test")
     g = torch.Generator().manual_seed(0)
     t = hvae.elbo_terms(model, x, g)
     assert t["kl1"].mean() > 1 and t["kl2"].mean() > 1  # neither level collapsed
-    # without warm-up the bound is worse
-    assert zoo.info("hvae_no_warmup")["metrics"]["neg_iwae_1000"] > zoo.info("hvae")["metrics"]["neg_iwae_1000"]
 
 
 def test_posterior_z2_is_the_top_down_encoder(gen):

@@ -149,17 +149,18 @@ def test_conv_vae_shapes_terms_and_errors(gen):
         vae.elbo_terms(model, x[:2].reshape(2, 64))
 
 
-def test_check_V1_larger_latents_give_higher_elbo_on_the_shipped_models():
+def test_check_V1_the_shipped_vae_z8_re_measures_to_its_record():
+    """V1's ordering of the recorded bounds of the three latent sizes is checked in tests/test_records.py; here one
+    of those records is re-measured from the weights."""
     from dlearn import zoo
 
-    neg = {k: zoo.info(f"vae_z{k}")["metrics"]["neg_elbo"] for k in (2, 8, 16)}
-    assert neg[2] > neg[8] > neg[16]
+    recorded = zoo.info("vae_z8")["metrics"]["neg_elbo"]
     # the recorded numbers are what the shipped weights give (the zoo check re-measures all of them)
     x, _ = datasets.digits("test")
     model = zoo.load("vae_z8")
     g = torch.Generator().manual_seed(0)
     measured = torch.stack([vae.elbo_terms(model, x, g)["neg_elbo"] for _ in range(10)]).mean().item()
-    assert measured == pytest.approx(neg[8], abs=0.05)
+    assert measured == pytest.approx(recorded, abs=0.05)
 
 
 def test_check_V8_compact_latent_reconstruction_order_and_interpolation():
@@ -182,14 +183,3 @@ def test_check_V8_compact_latent_reconstruction_order_and_interpolation():
     labels = metrics.predict(clf, vae.interpolate(z2, x[first[0]], x[first[1]], steps=21)).argmax(1)
     by_hand = bool(labels[0] == 0 and labels[-1] == 1 and int((labels[1:] != labels[:-1]).sum()) == 1)
     assert vae.single_label_change(z2, clf, x[first[0]], x[first[1]], 0, 1) == by_hand
-
-
-def test_shipped_vae_records_three_seeds():
-    from dlearn import zoo
-
-    meta = zoo.info("vae")
-    assert [r["seed"] for r in meta["runs"]] == [0, 1, 2]
-    for key in ("neg_elbo", "neg_iwae_1000"):
-        values = [r["metrics"][key] for r in meta["runs"]]
-        assert meta["mean"][key] == pytest.approx(sum(values) / 3)
-        assert meta["metrics"][key] >= meta["metrics"]["neg_iwae_1000"]  # the IWAE bound is the tighter one
