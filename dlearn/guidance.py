@@ -2,12 +2,13 @@
 equivalent forms, and the fidelity-diversity trade-off, first on the exact mixture (TB3).
 
     grad log p(x_t | y) = grad log p(x_t) + grad log p(y | x_t)                       (Bayes; grad log p(y) = 0)
-    classifier guidance:   grad log p(x_t) + gamma grad log p(y | x_t)
+    classifier guidance:   grad log p(x_t) + s grad log p(y | x_t)
     classifier-free:       eps_uc + w (eps_c - eps_uc)  =  (1 + w') eps_c - w' eps_uc,  w' = w - 1
                            =  -sqrt(1 - a) [w grad log p(x_t | y) + (1 - w) grad log p(x_t)]
 
-(Dhariwal & Nichol 2021; Ho & Salimans 2022; Luo 2022, Sec. "Guidance".) w = 1 is the conditional model,
-w = 0 the unconditional one.
+(Dhariwal & Nichol 2021; Ho & Salimans 2022; Luo 2022, Sec. "Guidance".) s is Dhariwal & Nichol's classifier
+(gradient) scale, `scale` in code, and w the CFG scale: s = 1 and w = 1 give the conditional model, w = 0 the
+unconditional one.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def class_log_posterior_grad(mixture: GaussianMixture, x: torch.Tensor, alpha_ba
 
 
 def classifier_guided_score(mixture: GaussianMixture, x: torch.Tensor, alpha_bar, y: int, scale: float = 1.0) -> torch.Tensor:
-    """grad log p(x_t) + scale * grad log p(y | x_t): scale 1 is the exact class-conditional score."""
+    """grad log p(x_t) + s grad log p(y | x_t), s = `scale` (Dhariwal & Nichol 2021, Algorithms 1-2): s = 1 is the
+    exact class-conditional score."""
     return mixture.score(x, alpha_bar) + scale * class_log_posterior_grad(mixture, x, alpha_bar, y)
 
 

@@ -103,7 +103,9 @@ class TrainConfig:
             evaluate, keep and return the averaged weights (None: no average).
         eval_every: evaluate `val_fn` (and checkpoint) every this many steps, and at the end.
         patience: stop after this many evaluations without improvement (None: never stop early).
-        higher_is_better: the validation metric's direction (False for losses, True for accuracy).
+        select: when `val_fn` returns a dict of metrics, the key of the one that selects the checkpoint
+            (and drives `patience`); None: `val_fn` returns that one metric as a number.
+        higher_is_better: the selecting metric's direction (False for losses, True for accuracy).
         seed: seeds batches, the loss's generator and dropout.
         checkpoint_dir: where to write `last.safetensors` (resume) and `best.safetensors`; None: none.
         progress: show a tqdm bar; None decides from DLEARN_PROGRESS ("0" or "1") or else whether
@@ -119,6 +121,7 @@ class TrainConfig:
     ema: float | None = None
     eval_every: int = 100
     patience: int | None = None
+    select: str | None = None
     higher_is_better: bool = False
     seed: int = 0
     checkpoint_dir: str | Path | None = None
@@ -222,12 +225,28 @@ def _save_checkpoint(path: Path, model, opt, gen, config, progress_state: dict, 
     save_safetensors(path, tensors, meta)
 
 
+def _selected_metric(value, select: str | None) -> tuple[float, dict[str, float]]:
+    """(the selecting metric, the other metrics) of one validation result; see `TrainConfig.select`."""
+    if select is None:
+        if isinstance(value, dict):
+            raise TypeError(f"val_fn returned a dict of metrics {sorted(value)}: name the one that selects the "
+                            "checkpoint with TrainConfig(select=...)")  # fmt: skip
+        return float(value), {}
+    if not isinstance(value, dict):
+        raise TypeError(f"TrainConfig(select={select!r}) expects val_fn to return a dict of metrics, got {type(value).__name__}")
+    if select not in value:
+        raise ValueError(f"val_fn's metrics {sorted(value)} lack the selecting metric {select!r}")
+    if "val" in value or "step" in value or "train_loss" in value:
+        raise ValueError(f"val_fn's metrics {sorted(value)} may not be named 'val', 'step' or 'train_loss' (the history's own)")
+    return float(value[select]), {k: v for k, v in value.items() if k != select}
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
     data: Sequence[torch.Tensor] | torch.Tensor,
     config: TrainConfig,
-    val_fn: Callable[[nn.Module], float] | None = None,
+    val_fn: Callable[[nn.Module], float | dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train `model` to minimise `loss_fn` on mini-batches of `data`.
 
@@ -235,8 +254,9 @@ def fit(
       1. resume from `checkpoint_dir/last.safetensors` if it exists (same config), else seed;
       2. sample a batch with the run's generator, compute `loss_fn(model, batch, generator)`;
       3. clip the gradient and take an AdamW step;
-      4. every `eval_every` steps: evaluate `val_fn(model)` in eval mode without gradients, keep the
-         best weights, checkpoint, and stop if `patience` evaluations brought no improvement;
+      4. every `eval_every` steps: evaluate `val_fn(model)` in eval mode without gradients, log its
+         metrics, keep the weights best by the selecting metric, checkpoint, and stop if `patience`
+         evaluations brought no improvement;
       5. at the end, load the best weights into `model` (when there is a `val_fn`).
 
     Args:
@@ -245,7 +265,9 @@ def fit(
             that needs the step number (KL warm-up, say) declares a keyword `step` and receives it.
         data: a tensor or tuple of tensors; batch i holds the same rows of each.
         config: the run's settings.
-        val_fn: model -> validation metric (see `config.higher_is_better`).
+        val_fn: model -> the validation metric (a number), or a dict of metrics of which `config.select`
+            names the one that selects the checkpoint (see `config.higher_is_better`). Every metric is
+            logged in the history: the selecting one as "val", the others under their own names.
 
     Returns:
         a `TrainResult`. An interruption (KeyboardInterrupt) writes a checkpoint before it propagates.
@@ -296,11 +318,12 @@ def fit(
                     live = {k: v.detach().clone() for k, v in model.state_dict().items()}
                     model.load_state_dict(ema_state)
                 with torch.no_grad():
-                    metric = float(val_fn(model))
+                    metric, others = _selected_metric(val_fn(model), config.select)
                 model.train(was_training)
                 if not math.isfinite(metric):
                     raise FloatingPointError(f"validation metric is {metric} at step {st['step']}")
                 record["val"] = metric
+                record.update(others)
                 if st["best_metric"] is None or sign * metric < sign * st["best_metric"]:
                     st.update(best_metric=metric, best_step=st["step"], bad_evals=0)
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -18,6 +18,7 @@ from torch import nn
 
 from dlearn.datasets import AUGMENT_LABELS
 from dlearn.distributions import append_dims, levels_to_unit, log_categorical_pixels
+from dlearn.elbo import BoundTerms
 from dlearn.nets import ConvDenoiser
 
 
@@ -221,18 +222,24 @@ def betas_from_logsnr(logsnr_fn, num_steps: int) -> torch.Tensor:
 
 
 class MonotoneLogSNR(nn.Module):
-    """A learnable noise schedule: gamma(t) = -log SNR(t), increasing in t by construction (Kingma et al. 2021).
+    """A learnable noise schedule: the log-SNR lambda(t) = log(alpha_t^2 / sigma_t^2), decreasing in t by construction.
 
-        gamma_raw(t) = l1(t) + l3(sigmoid(l2(l1(t))))  with every weight softplus-positive,
-        gamma(t) = gamma_min + (gamma_max - gamma_min) (gamma_raw(t) - gamma_raw(0)) / (gamma_raw(1) - gamma_raw(0))
+        raw(t) = l1(t) + l3(sigmoid(l2(l1(t))))  with every weight softplus-positive, so raw is increasing,
+        lambda(t) = lambda_max + (lambda_min - lambda_max) (raw(t) - raw(0)) / (raw(1) - raw(0))
 
-    so SNR decreases strictly from exp(-gamma_min) at t = 0 to exp(-gamma_max) at t = 1; the endpoints are
-    parameters too. alpha_bar = sigmoid(-gamma), 1 - alpha_bar = sigmoid(gamma) (Luo eqs. 111-114).
+    so the SNR decreases strictly from exp(lambda_max) at t = 0 to exp(lambda_min) at t = 1; the endpoints are
+    parameters too. alpha_t^2 = sigmoid(lambda), sigma_t^2 = sigmoid(-lambda) (Luo eqs. 111-114). This is the
+    monotone network of Kingma et al. (2021, App. H), who write the schedule as gamma = -lambda, increasing in t.
+
+    Args:
+        logsnr_max: lambda(0), the log-SNR at t = 0 (the least noise).
+        logsnr_min: lambda(1), the log-SNR at t = 1 (the most noise); below logsnr_max.
+        hidden: width of the monotone network's hidden layer.
     """
 
-    def __init__(self, gamma_min: float = -10.0, gamma_max: float = 8.0, hidden: int = 1024):
+    def __init__(self, logsnr_max: float = 10.0, logsnr_min: float = -8.0, hidden: int = 1024):
         super().__init__()
-        self.gamma_min, self.gamma_max = nn.Parameter(torch.tensor(gamma_min)), nn.Parameter(torch.tensor(gamma_max))
+        self.logsnr_max, self.logsnr_min = nn.Parameter(torch.tensor(logsnr_max)), nn.Parameter(torch.tensor(logsnr_min))
         self.w1, self.b1 = nn.Parameter(torch.randn(1)), nn.Parameter(torch.zeros(1))
         self.w2, self.b2 = nn.Parameter(torch.randn(hidden)), nn.Parameter(torch.randn(hidden))
         self.w3 = nn.Parameter(torch.randn(hidden) / hidden**0.5)
@@ -243,12 +250,13 @@ class MonotoneLogSNR(nn.Module):
         return h[..., 0] + torch.sigmoid(pos(self.w2) * h + self.b2) @ pos(self.w3)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """gamma(t) = -log SNR(t) for t in [0, 1], same shape as t."""
+        """lambda(t), the log-SNR at t in [0, 1]: same shape as t."""
         ends = self._raw(torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device))
-        return self.gamma_min + (self.gamma_max - self.gamma_min) * (self._raw(t) - ends[0]) / (ends[1] - ends[0])
+        return self.logsnr_max + (self.logsnr_min - self.logsnr_max) * (self._raw(t) - ends[0]) / (ends[1] - ends[0])
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(-self(t))
+        """alpha_t^2 = sigmoid(lambda(t)), the signal variance at t: same shape as t."""
+        return torch.sigmoid(self(t))
 
 
 def true_reverse_step(mixture, alpha_bar_t: float, alpha_bar_prev: float, x_t: torch.Tensor):
@@ -286,14 +294,18 @@ def true_reverse_step(mixture, alpha_bar_t: float, alpha_bar_prev: float, x_t: t
 
 
 class LinearLogSNR(nn.Module):
-    """A fixed schedule gamma(t) = gamma_min + (gamma_max - gamma_min) t (gamma = -log SNR); no parameters."""
+    """A fixed schedule, linear in log-SNR: lambda(t) = lambda_max + (lambda_min - lambda_max) t; no parameters.
 
-    def __init__(self, gamma_min: float = -13.3, gamma_max: float = 5.0):
+    The defaults are the endpoints of Kingma et al. (2021): SNR from exp(13.3) at t = 0 to exp(-5) at t = 1.
+    """
+
+    def __init__(self, logsnr_max: float = 13.3, logsnr_min: float = -5.0):
         super().__init__()
-        self.gamma_min, self.gamma_max = gamma_min, gamma_max
+        self.logsnr_max, self.logsnr_min = logsnr_max, logsnr_min
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.gamma_min + (self.gamma_max - self.gamma_min) * t
+        """lambda(t), the log-SNR at t in [0, 1]: same shape as t."""
+        return self.logsnr_max + (self.logsnr_min - self.logsnr_max) * t
 
 
 def level_values(device=None, dtype=torch.float32) -> torch.Tensor:
@@ -301,13 +313,17 @@ def level_values(device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.linspace(-1, 1, 17, device=device, dtype=dtype)
 
 
-def level_log_likelihoods(z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+def level_log_likelihoods(z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
     """log N(z; alpha v_k, sigma^2) up to a constant, for each level v_k: shape (B, 17, ...) for z of shape (B, ...).
 
-    alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma) (variance preserving); gamma has shape (B,).
+    alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda) (variance preserving).
+
+    Args:
+        z: noisy images, shape (B, ...).
+        logsnr: lambda of each image, shape (B,).
     """
-    g = gamma.reshape(-1, *([1] * (z.ndim - 1)))
-    alpha, var = torch.sigmoid(-g).sqrt(), torch.sigmoid(g)
+    lam = logsnr.reshape(-1, *([1] * (z.ndim - 1)))
+    alpha, var = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam)
     v = level_values(z.device, z.dtype).reshape(1, -1, *([1] * (z.ndim - 1)))
     return -((z.unsqueeze(1) - alpha.unsqueeze(1) * v) ** 2) / (2 * var.unsqueeze(1))
 
@@ -322,9 +338,9 @@ class VDM(nn.Module):
     The decoder p(x | z_0) is the same likelihood, normalised over levels.
 
     Args:
-        net: (z_t (B, 1, 8, 8), gamma (B,)) -> logits (B, 17, 8, 8); e.g. `nets.ConvDenoiser(out_ch=17)`.
+        net: (z_t (B, 1, 8, 8), logsnr (B,)) -> logits (B, 17, 8, 8); e.g. `_LevelDenoiser`.
             With parameterisation "eps" the net outputs the noise instead, shape (B, 1, 8, 8).
-        schedule: gamma(t) for t in [0, 1] (`LinearLogSNR` or `MonotoneLogSNR`).
+        schedule: t (B,) -> lambda(t) (B,), the log-SNR for t in [0, 1] (`LinearLogSNR` or `MonotoneLogSNR`).
         parameterisation: "levels" (above) or "eps": x0_hat = (z_t - sigma eps_hat) / alpha, the plain
             noise prediction of DDPM, kept for the comparison of chapter 04.
     """
@@ -335,69 +351,89 @@ class VDM(nn.Module):
             raise ValueError(f"parameterisation must be 'levels' or 'eps', got {parameterisation!r}")
         self.net, self.schedule, self.parameterisation = net, schedule, parameterisation
 
-    def x0_hat(self, z_t: torch.Tensor, gamma: torch.Tensor, aug: torch.Tensor | None = None) -> torch.Tensor:
-        """E[x | z_t] under the model; `aug`: augmentation labels for a denoiser trained with them (None: none)."""
-        out = self.net(z_t, gamma) if aug is None else self.net(z_t, gamma, aug)
+    def x0_hat(self, z_t: torch.Tensor, logsnr: torch.Tensor, aug: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x | z_t] under the model, shape (B, 1, 8, 8).
+
+        Args:
+            z_t: noisy images, shape (B, 1, 8, 8).
+            logsnr: their log-SNR lambda, shape (B,).
+            aug: augmentation labels (B, 4) for a denoiser trained with them (None: none).
+        """
+        out = self.net(z_t, logsnr) if aug is None else self.net(z_t, logsnr, aug)
         if self.parameterisation == "eps":
-            g = gamma.reshape(-1, 1, 1, 1)
-            return (z_t - torch.sigmoid(g).sqrt() * out) / torch.sigmoid(-g).sqrt()
-        logits = out + level_log_likelihoods(z_t, gamma)[:, :, 0]  # (B, 17, 8, 8)
+            lam = logsnr.reshape(-1, 1, 1, 1)
+            return (z_t - torch.sigmoid(-lam).sqrt() * out) / torch.sigmoid(lam).sqrt()
+        logits = out + level_log_likelihoods(z_t, logsnr)[:, :, 0]  # (B, 17, 8, 8)
         probs = torch.softmax(logits, dim=1)
         return (probs * level_values(z_t.device, z_t.dtype).reshape(1, -1, 1, 1)).sum(1, keepdim=True)
 
     def neg_elbo_terms(self, x_levels: torch.Tensor, generator=None, t: torch.Tensor | None = None,
-                       aug: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+                       aug: torch.Tensor | None = None) -> BoundTerms:  # fmt: skip
         """One-sample estimate of the three terms of -ELBO per image, in nats (Kingma et al. 2021, Eqs. 8, 17):
 
         reconstruction -log p(x | z_0),  prior KL(q(z_1 | x) || N(0, I)),
-        diffusion 1/2 E_t[gamma'(t) exp(-gamma(t)) |x - x0_hat(z_t, t)|^2]  (t ~ U(0, 1), one draw).
+        diffusion 1/2 E_t[-lambda'(t) exp(lambda(t)) |x - x0_hat(z_t, t)|^2]  (t ~ U(0, 1), one draw),
 
-        `aug`: the labels of augmented training images (`datasets.augment_digits`); None, as for every
-        reported bound, means the untransformed data (all-zero labels where the denoiser takes them).
+        the last being Eq. 17 written in lambda (-lambda' > 0: the SNR falls), z_t = alpha_t x + sigma_t eps with
+        alpha_t^2 = sigmoid(lambda(t)), sigma_t^2 = sigmoid(-lambda(t)).
+
+        Args:
+            x_levels: images as grey levels 0..16, shape (B, 1, 8, 8).
+            generator: for the draws of t and of the noise.
+            t: the times in [0, 1], shape (B,); None draws them (antithetic low-discrepancy grid).
+            aug: the labels (B, 4) of augmented training images (`datasets.augment_digits`); None, as for
+                every reported bound, means the untransformed data (all-zero labels where the denoiser
+                takes them).
+
+        Returns:
+            `dlearn.elbo.BoundTerms`, each of shape (B,): reconstruction, prior, latent (the diffusion
+            term), neg_elbo = reconstruction + prior + latent.
         """
         x = levels_to_unit(x_levels).to(next(self.net.parameters()).device)
         b, dev = x.shape[0], x.device
-        ends = self.schedule(torch.tensor([0.0, 1.0], device=dev))
+        ends = self.schedule(torch.tensor([0.0, 1.0], device=dev))  # logsnr_max, logsnr_min
         # reconstruction at t = 0
         eps0 = torch.randn(x.shape, generator=generator).to(dev)
-        g0 = ends[0].expand(b)
-        z0 = torch.sigmoid(-g0).sqrt().reshape(-1, 1, 1, 1) * x + torch.sigmoid(g0).sqrt().reshape(-1, 1, 1, 1) * eps0
-        recon = -log_categorical_pixels(x_levels.to(dev), level_log_likelihoods(z0, g0))
+        lam0 = ends[0].expand(b)
+        z0 = torch.sigmoid(lam0).sqrt().reshape(-1, 1, 1, 1) * x + torch.sigmoid(-lam0).sqrt().reshape(-1, 1, 1, 1) * eps0
+        recon = -log_categorical_pixels(x_levels.to(dev), level_log_likelihoods(z0, lam0))
         # prior at t = 1
-        a1, s1 = torch.sigmoid(-ends[1]), torch.sigmoid(ends[1])
+        a1, s1 = torch.sigmoid(ends[1]), torch.sigmoid(-ends[1])
         prior = 0.5 * ((a1 * x**2 + s1 - 1 - torch.log(s1)).reshape(b, -1).sum(1))
         # diffusion: one t per image, with the antithetic low-discrepancy trick of VDM if t is not given
         if t is None:
             u = torch.rand((), generator=generator).to(dev)
             t = (u + torch.arange(b, device=dev) / b) % 1.0
         t = t.detach().requires_grad_(True)
-        gamma = self.schedule(t)
-        (dgamma,) = torch.autograd.grad(gamma.sum(), t, create_graph=True)
+        logsnr = self.schedule(t)
+        (dlogsnr,) = torch.autograd.grad(logsnr.sum(), t, create_graph=True)
         eps = torch.randn(x.shape, generator=generator).to(dev)
-        g4 = gamma.reshape(-1, 1, 1, 1)
-        z_t = torch.sigmoid(-g4).sqrt() * x + torch.sigmoid(g4).sqrt() * eps
-        err = ((x - self.x0_hat(z_t, gamma, aug)) ** 2).reshape(b, -1).sum(1)
-        diffusion = 0.5 * dgamma * torch.exp(-gamma) * err
-        return {"reconstruction": recon, "prior": prior, "diffusion": diffusion, "neg_elbo": recon + prior + diffusion}
+        lam = logsnr.reshape(-1, 1, 1, 1)
+        z_t = torch.sigmoid(lam).sqrt() * x + torch.sigmoid(-lam).sqrt() * eps
+        err = ((x - self.x0_hat(z_t, logsnr, aug)) ** 2).reshape(b, -1).sum(1)
+        diffusion = 0.5 * (-dlogsnr) * torch.exp(logsnr) * err
+        return BoundTerms(reconstruction=recon, prior=prior, latent=diffusion, neg_elbo=recon + prior + diffusion)
 
 
 class _LevelDenoiser(nn.Module):
-    """`nets.ConvDenoiser` with 17 output channels (or `out_ch`), conditioned on gamma = -log SNR and,
-    with `augment`, on the 4 labels of `datasets.augment_digits` (all zeros when none are given)."""
+    """`nets.ConvDenoiser` with 17 output channels (or `out_ch`), conditioned on the log-SNR and, with
+    `augment`, on the 4 labels of `datasets.augment_digits` (all zeros when none are given)."""
 
     def __init__(self, channels=(32, 64), emb_scale: float = 50.0, out_ch: int = 17, augment: bool = False):
         super().__init__()
         self.net = ConvDenoiser(in_ch=1, out_ch=out_ch, channels=channels, emb_dim=128, emb_scale=emb_scale,
                                 cond_dim=len(AUGMENT_LABELS) if augment else None, cond_optional=True)  # fmt: skip
 
-    def forward(self, z: torch.Tensor, gamma: torch.Tensor, aug: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(z, gamma, cond=aug)
+    def forward(self, z: torch.Tensor, logsnr: torch.Tensor, aug: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, out_ch, 8, 8) for z (B, 1, 8, 8) at log-SNR `logsnr` (B,), given labels `aug` (B, 4) or none."""
+        return self.net(z, -logsnr, cond=aug)  # its embedding takes -logsnr: the shipped weights were trained so
 
 
-def build_vdm(learned: bool = True, gamma_min: float = -10.0, gamma_max: float = 6.0, channels=(32, 64),
+def build_vdm(learned: bool = True, logsnr_max: float = 10.0, logsnr_min: float = -6.0, channels=(32, 64),
               parameterisation: str = "levels", augment: bool = False) -> VDM:  # fmt: skip
     """The digits VDM: a 17-level conv denoiser (or a plain eps one) and a learned (`MonotoneLogSNR`) or
-    fixed linear schedule; with `augment`, a denoiser that also takes augmentation labels."""
-    schedule = MonotoneLogSNR(gamma_min, gamma_max, hidden=64) if learned else LinearLogSNR(gamma_min, gamma_max)
+    fixed linear schedule from log-SNR `logsnr_max` at t = 0 to `logsnr_min` at t = 1; with `augment`, a
+    denoiser that also takes augmentation labels."""
+    schedule = MonotoneLogSNR(logsnr_max, logsnr_min, hidden=64) if learned else LinearLogSNR(logsnr_max, logsnr_min)
     net = _LevelDenoiser(tuple(channels), out_ch=17 if parameterisation == "levels" else 1, augment=augment)
     return VDM(net, schedule, parameterisation)

@@ -92,6 +92,37 @@ def test_early_stopping_and_direction(gen):
     assert result.stopped_early and result.steps == 50 and result.best_step == 20 and result.best_metric == 0.6
 
 
+def test_a_dict_of_metrics_is_logged_and_one_named_metric_selects(gen):
+    x, y = _problem(gen)
+    scores = iter([(0.5, 9.0), (0.6, 1.0), (0.55, 0.0), (0.4, 5.0)])  # (selecting accuracy, another metric)
+
+    def val_fn(m):
+        acc, other = next(scores)
+        return {"accuracy": acc, "other": other}
+
+    cfg = train.TrainConfig(max_steps=40, eval_every=10, select="accuracy", higher_is_better=True, progress=False)
+    result = train.fit(_model(), _loss, (x, y), cfg, val_fn=val_fn)
+    assert result.best_step == 20 and result.best_metric == 0.6  # chosen by accuracy, not by "other"
+    assert [h["val"] for h in result.history] == [0.5, 0.6, 0.55, 0.4]
+    assert [h["other"] for h in result.history] == [9.0, 1.0, 0.0, 5.0]  # logged, under its own name
+    assert all("accuracy" not in h for h in result.history)  # the selecting metric is "val"
+
+
+def test_metric_selection_errors_name_what_is_wrong(gen):
+    x, y = _problem(gen)
+    run = lambda cfg, fn: train.fit(_model(), _loss, (x, y), cfg, val_fn=fn)  # noqa: E731
+    plain = train.TrainConfig(max_steps=5, eval_every=5, progress=False)
+    with pytest.raises(TypeError, match=r"dict of metrics \['a', 'b'\].*select="):
+        run(plain, lambda m: {"a": 1.0, "b": 2.0})
+    selecting = train.TrainConfig(max_steps=5, eval_every=5, select="a", progress=False)
+    with pytest.raises(TypeError, match="expects val_fn to return a dict"):
+        run(selecting, lambda m: 1.0)
+    with pytest.raises(ValueError, match="lack the selecting metric 'a'"):
+        run(selecting, lambda m: {"b": 1.0})
+    with pytest.raises(ValueError, match="may not be named"):
+        run(selecting, lambda m: {"a": 1.0, "val": 2.0})
+
+
 def test_resume_refuses_a_different_config(tmp_path, gen):
     x, y = _problem(gen)
     train.fit(_model(), _loss, (x, y), train.TrainConfig(max_steps=10, eval_every=5, checkpoint_dir=tmp_path, progress=False))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dlearn import datasets, distributions, schedules, toys, vdm
+from dlearn import datasets, distributions, elbo, schedules, toys, vdm
 
 
 @pytest.fixture
@@ -142,12 +142,31 @@ def test_check_D20_the_learned_schedule_is_monotone():
         net = vdm.MonotoneLogSNR(hidden=64).double()
         t = torch.linspace(0, 1, 10_000, dtype=torch.float64, requires_grad=True)
         (grad,) = torch.autograd.grad(net(t).sum(), t)
-        assert (grad > 0).all(), seed
+        assert (grad < 0).all(), seed  # the log-SNR falls: the SNR decreases in t
     with torch.no_grad():
-        gamma = net(torch.tensor([0.0, 1.0], dtype=torch.float64))
-    torch.testing.assert_close(gamma, torch.tensor([-10.0, 8.0], dtype=torch.float64))  # the endpoints
-    w = torch.linspace(-12, 12, 101, dtype=torch.float64)
-    torch.testing.assert_close(torch.sigmoid(-w) / torch.sigmoid(w), torch.exp(-w), rtol=1e-12, atol=0)
+        logsnr = net(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(logsnr, torch.tensor([10.0, -8.0], dtype=torch.float64))  # the endpoints
+    lam = torch.linspace(-12, 12, 101, dtype=torch.float64)  # alpha^2 / sigma^2 = SNR:
+    torch.testing.assert_close(torch.sigmoid(lam) / torch.sigmoid(-lam), torch.exp(lam), rtol=1e-12, atol=0)
+
+
+def test_the_schedules_return_the_log_snr():
+    """MonotoneLogSNR falls strictly from logsnr_max at t = 0 to logsnr_min at t = 1; LinearLogSNR's
+    alpha^2 = sigmoid(logsnr), discretised into betas, gives back its log-SNR through `schedules.logsnr`."""
+    t = torch.linspace(0, 1, 10_001, dtype=torch.float64)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        net = vdm.MonotoneLogSNR(logsnr_max=7.5, logsnr_min=-4.0, hidden=32).double()
+        with torch.no_grad():
+            lam = net(t)
+        assert (lam[1:] < lam[:-1]).all(), seed
+        torch.testing.assert_close(lam[[0, -1]], torch.tensor([7.5, -4.0], dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(net.alpha_bar(t).detach(), torch.sigmoid(lam), rtol=0, atol=0)
+    linear = vdm.LinearLogSNR(logsnr_max=6.0, logsnr_min=-7.0)
+    assert linear(torch.tensor(0.0)) == 6.0 and linear(torch.tensor(1.0)) == -7.0
+    alpha_bar = schedules.alpha_bar_from_betas(vdm.betas_from_logsnr(linear, 200))
+    s = torch.linspace(0, 1, 200, dtype=torch.float64)
+    torch.testing.assert_close(schedules.logsnr(alpha_bar), linear(s), rtol=0, atol=1e-9)
 
 
 def test_check_D21_the_bound_depends_on_the_schedule_only_through_its_endpoints():
@@ -280,7 +299,7 @@ class _ZeroNet(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(()))
 
-    def forward(self, z, gamma):
+    def forward(self, z, logsnr):
         return self.w * torch.zeros(z.shape[0], 17, 8, 8)
 
 
@@ -288,10 +307,10 @@ def test_decoder_probabilities_are_normalised_and_sharpen():
     x, _ = datasets.digits("test")
     x = x[:4]
     v = vdm.level_values()
-    for gamma_value, expected_max in ((-13.3, 0.999), (0.0, None)):
-        gamma = torch.full((4,), gamma_value)
-        z = torch.sigmoid(-gamma).sqrt().reshape(-1, 1, 1, 1) * v[x]  # noise-free z at the level's value
-        probs = torch.softmax(vdm.level_log_likelihoods(z.float(), gamma), dim=1)
+    for logsnr_value, expected_max in ((13.3, 0.999), (0.0, None)):
+        logsnr = torch.full((4,), logsnr_value)
+        z = torch.sigmoid(logsnr).sqrt().reshape(-1, 1, 1, 1) * v[x]  # noise-free z at the level's value
+        probs = torch.softmax(vdm.level_log_likelihoods(z.float(), logsnr), dim=1)
         torch.testing.assert_close(probs.sum(1), torch.ones_like(probs.sum(1)))
         if expected_max:
             picked = probs.gather(1, x.unsqueeze(1)).min()
@@ -300,18 +319,18 @@ def test_decoder_probabilities_are_normalised_and_sharpen():
 
 def test_the_diffusion_term_is_an_unbiased_estimate_of_its_integral():
     """With x0_hat = 0 the diffusion term is 1/2 |x|^2 (SNR(0) - SNR(1)) exactly; the random-t estimate averages to it."""
-    model = vdm.VDM(_ZeroNet(), vdm.LinearLogSNR(-5.0, 5.0))
-    model.x0_hat = lambda z, gamma, aug=None: torch.zeros_like(z)
+    model = vdm.VDM(_ZeroNet(), vdm.LinearLogSNR(5.0, -5.0))
+    model.x0_hat = lambda z, logsnr, aug=None: torch.zeros_like(z)
     x, _ = datasets.digits("test")
     x = x[:1].expand(20_000, 1, 8, 8)
-    terms = model.neg_elbo_terms(x, torch.Generator().manual_seed(0))["diffusion"].detach().double()
+    terms = model.neg_elbo_terms(x, torch.Generator().manual_seed(0)).latent.detach().double()
     sq = (distributions.levels_to_unit(x[:1]) ** 2).sum().item()
     exact = 0.5 * sq * (math.exp(5.0) - math.exp(-5.0))
     se = terms.std() / math.sqrt(len(terms))  # conservative: the antithetic t-grid makes the real error smaller
     assert abs(terms.mean().item() - exact) < 3 * se
     # a perfect denoiser has no diffusion loss
-    model.x0_hat = lambda z, gamma, aug=None: distributions.levels_to_unit(x[:4])
-    assert model.neg_elbo_terms(x[:4])["diffusion"].abs().max() < 1e-6
+    model.x0_hat = lambda z, logsnr, aug=None: distributions.levels_to_unit(x[:4])
+    assert model.neg_elbo_terms(x[:4]).latent.abs().max() < 1e-6
 
 
 def test_vdm_terms_shapes_and_bound_is_finite():
@@ -321,9 +340,10 @@ def test_vdm_terms_shapes_and_bound_is_finite():
     model = vdm.VDM(net, vdm.MonotoneLogSNR(hidden=16))
     x, _ = datasets.digits("val")
     t = model.neg_elbo_terms(x[:6], torch.Generator().manual_seed(0))
-    assert all(v.shape == (6,) and torch.isfinite(v).all() for v in t.values())
-    torch.testing.assert_close(t["neg_elbo"], t["reconstruction"] + t["prior"] + t["diffusion"])
-    t["neg_elbo"].mean().backward()  # gradients reach the schedule too
+    assert isinstance(t, elbo.BoundTerms)
+    assert all(v.shape == (6,) and torch.isfinite(v).all() for v in (t.reconstruction, t.prior, t.latent, t.neg_elbo))
+    torch.testing.assert_close(t.neg_elbo, t.reconstruction + t.prior + t.latent)
+    t.neg_elbo.mean().backward()  # gradients reach the schedule too
     assert model.schedule.w2.grad is not None and net.conv_in.weight.grad is not None
 
 
@@ -334,11 +354,11 @@ def test_an_augmented_vdm_models_the_plain_digits_when_given_no_labels(gen):
     torch.manual_seed(0)
     model = vdm.build_vdm(augment=True)
     x, _ = datasets.digits("val")
-    z, gamma = torch.randn(x.shape, generator=gen), torch.full((len(x),), -2.0)
+    z, logsnr = torch.randn(x.shape, generator=gen), torch.full((len(x),), 2.0)
     with torch.no_grad():
-        plain = model.x0_hat(z, gamma)
-        assert torch.equal(plain, model.x0_hat(z, gamma, torch.zeros(len(x), 4)))
+        plain = model.x0_hat(z, logsnr)
+        assert torch.equal(plain, model.x0_hat(z, logsnr, torch.zeros(len(x), 4)))
         _, labels = datasets.augment_digits(x, 1.0, gen)
-        assert (model.x0_hat(z, gamma, labels) - plain).abs().max() > 1e-3
+        assert (model.x0_hat(z, logsnr, labels) - plain).abs().max() > 1e-3
     with pytest.raises(ValueError, match="cond given, but this denoiser was built without cond_dim"):
-        vdm.build_vdm(augment=False).x0_hat(z, gamma, labels)
+        vdm.build_vdm(augment=False).x0_hat(z, logsnr, labels)

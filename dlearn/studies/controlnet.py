@@ -153,30 +153,30 @@ def train_controlnet(seed: int = 0, max_steps: int = 1500, variant: str = "full"
     data = training_data(control, n_train, seed)
     masks, labels, captions = evaluation_set(100, control)
     clf = metrics.shipped_classifier()
-    extra = []
 
     def acc(imgs):
         return metrics.accuracy(metrics.predict(clf, levels_to_unit(unit_to_levels(imgs))), labels)
 
     def val_fn(m):
+        """The mask IoU without a prompt selects the checkpoint; with the caption, and the class accuracy, are logged."""
         none = generate(base, m, masks, [""] * len(masks), steps=10, seed=1)
         perfect = generate(base, m, masks, captions, steps=10, seed=1)
-        extra.append({"iou_prompt": condition_fidelity(perfect, masks).mean().item(),
-                      "class_accuracy_none": acc(none), "class_accuracy_prompt": acc(perfect)})  # fmt: skip
-        return condition_fidelity(none, masks).mean().item()
+        return {"iou_none": condition_fidelity(none, masks).mean().item(),
+                "iou_prompt": condition_fidelity(perfect, masks).mean().item(),
+                "class_accuracy_none": acc(none), "class_accuracy_prompt": acc(perfect)}  # fmt: skip
 
     with torch.no_grad():  # step 0: the loss and fidelity of the untrained ControlNet on the base
-        step0 = {"step": 0, "val": val_fn(cn.eval())}
+        at_start = val_fn(cn.eval())
+        step0 = {"step": 0, "val": at_start.pop("iou_none")}
         g = torch.Generator().manual_seed(seed)
         batch = tuple(d[torch.randint(len(data[0]), (256,), generator=g)] for d in data)
         step0["loss"] = controlnet_loss(base, cn, batch, torch.Generator().manual_seed(seed), p_uncond).item()
         step0["base_loss"] = controlnet_loss(base, None, batch, torch.Generator().manual_seed(seed), p_uncond).item()
+        step0.update(at_start)
     cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
-                      higher_is_better=True, progress=progress)  # fmt: skip
+                      select="iou_none", higher_is_better=True, progress=progress)  # fmt: skip
     result = fit(cn, lambda m, b, g: controlnet_loss(base, m, b, g, p_uncond), data, cfg, val_fn=val_fn)
     result.history.insert(0, step0)
-    for record, more in zip(result.history, extra, strict=True):
-        record.update(more)
     return cn.eval(), result
 
 
@@ -274,7 +274,6 @@ def finetune_with_mask_channel(seed: int = 0, n_pairs: int = 200, max_steps: int
     clf = metrics.shipped_classifier()
     test_feats = metrics.features(clf, datasets.digits("test", form="unit")[0])
     prompts, _, _ = evaluation_prompts(per_prompt=3)
-    history = []
 
     def prompt_only_fd(m):
         wrapped = _ZeroMask(m)
@@ -282,18 +281,19 @@ def finetune_with_mask_channel(seed: int = 0, n_pairs: int = 200, max_steps: int
         return metrics.frechet_distance(metrics.features(clf, levels_to_unit(unit_to_levels(imgs))), test_feats)
 
     def val_fn(m):
+        """The held-out loss selects the checkpoint; the training pairs' loss and the prompt-only FD are logged."""
         loss = lambda d, g: _mask_channel_loss(m, d, g, 0.5)  # noqa: E731
-        history.append({"train_pairs_loss": fixed_loss(loss, train), "held_out_loss": fixed_loss(loss, held),
-                        "prompt_only_fd": prompt_only_fd(m)})  # fmt: skip
-        return history[-1]["held_out_loss"]
+        return {"train_pairs_loss": fixed_loss(loss, train), "held_out_loss": fixed_loss(loss, held),
+                "prompt_only_fd": prompt_only_fd(m)}  # fmt: skip
 
     model.eval()
-    start = {"step": 0, **{}}
-    val_fn(model)
-    start.update(history.pop())
-    cfg = TrainConfig(max_steps=max_steps, batch_size=64, lr=lr, eval_every=eval_every, seed=seed, progress=progress)
+    start = {"step": 0, **val_fn(model)}
+    cfg = TrainConfig(max_steps=max_steps, batch_size=64, lr=lr, eval_every=eval_every, seed=seed, select="held_out_loss",
+                      progress=progress)  # fmt: skip
     result = fit(model, lambda m, b, g: _mask_channel_loss(m, b, g, 0.5), train, cfg, val_fn=val_fn)
-    records = [start] + [{"step": r["step"], **h} for r, h in zip(result.history, history, strict=True)]
+    keys = ("train_pairs_loss", "held_out_loss", "prompt_only_fd")  # "val" in fit's history is the held-out loss
+    records = [start] + [{"step": r["step"], **{k: r["val"] if k == "held_out_loss" else r[k] for k in keys}}
+                         for r in result.history]  # fmt: skip
     return model, records
 
 

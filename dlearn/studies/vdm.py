@@ -19,8 +19,8 @@ def bound_on_split(model: VDM, split: str = "test", draws: int = 20, seed: int =
     """Mean negative ELBO in nats per image on a split, averaged over `draws` samples of (t, eps) per image."""
     x, _ = datasets.digits(split)
     g = torch.Generator().manual_seed(seed)
-    with torch.enable_grad():  # the estimator differentiates gamma(t) with respect to t
-        return torch.stack([model.neg_elbo_terms(x, g)["neg_elbo"].detach() for _ in range(draws)]).mean().item()
+    with torch.enable_grad():  # the estimator differentiates the log-SNR with respect to t
+        return torch.stack([model.neg_elbo_terms(x, g).neg_elbo.detach() for _ in range(draws)]).mean().item()
 
 
 def protocol_metrics(model: VDM) -> dict[str, float]:
@@ -33,8 +33,8 @@ def train_vdm(
     seed: int = 0,
     max_steps: int = 3000,
     learned: bool = True,
-    gamma_min: float = -10.0,
-    gamma_max: float = 6.0,
+    logsnr_max: float = 10.0,
+    logsnr_min: float = -6.0,
     channels=(32, 64),
     lr: float = 2e-3,
     parameterisation: str = "levels",
@@ -44,20 +44,21 @@ def train_vdm(
 ):
     """A recipe for the digits VDM: AdamW on the one-sample -ELBO, cosine decay, weight average, best validation bound.
 
-    `learned`: a `MonotoneLogSNR` schedule trained with the model (endpoints included), else `LinearLogSNR`.
+    `learned`: a `MonotoneLogSNR` schedule trained with the model (endpoints included), else `LinearLogSNR`;
+    either runs from log-SNR `logsnr_max` at t = 0 to `logsnr_min` at t = 1 (the learned one to start with).
     `augment`: train on `datasets.augment_digits` (a share `augment_p` of each batch transformed, the
     labels given to the denoiser); validation and test bounds are of the untransformed digits.
     """
     x_train, _ = datasets.digits("train")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_vdm(learned, gamma_min, gamma_max, channels, parameterisation, augment)
+        model = build_vdm(learned, logsnr_max, logsnr_min, channels, parameterisation, augment)
 
     def loss_fn(m, batch, gen):
         if not augment:
-            return m.neg_elbo_terms(batch[0], gen)["neg_elbo"].mean()
+            return m.neg_elbo_terms(batch[0], gen).neg_elbo.mean()
         x, labels = datasets.augment_digits(batch[0], augment_p, gen)
-        return m.neg_elbo_terms(x, gen, aug=labels)["neg_elbo"].mean()
+        return m.neg_elbo_terms(x, gen, aug=labels).neg_elbo.mean()
 
     cfg = TrainConfig(max_steps=max_steps, lr=lr, lr_schedule="cosine", ema=0.999, eval_every=200, seed=seed, progress=progress)
     result = fit(model, loss_fn, (x_train,), cfg, val_fn=lambda m: bound_on_split(m, "val", draws=8, seed=1))
