@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dlearn import ddim
+from dlearn import ddim, guidance
 from dlearn.metrics import digit_mask
 from dlearn.text2image import TextToImage, noised, tiny_unet, tokenize, training_prompts
 
@@ -341,7 +341,7 @@ def guided_eps(base: TextToImage, controlnets: list[ControlNet], controls: list[
     if guidance_scale == 1.0:
         return e_c
     e_u = controlled_eps(base, x_t, t, None, residuals(null_text) if placement == "both" else None, null_text)
-    return e_u + guidance_scale * (e_c - e_u)
+    return guidance.cfg(e_u, e_c, guidance_scale)
 
 
 def paper_block_weights(sizes: list[int], full: int = 64) -> list[float]:

@@ -77,9 +77,9 @@ def posterior_mean_var(x0: torch.Tensor, x_t: torch.Tensor, alpha_bar_t, alpha_b
         (mean, variance), the variance per example with x0's number of dimensions.
     """
     a_t, a_p = append_dims(alpha_bar_t, x0.ndim), append_dims(alpha_bar_prev, x0.ndim)
-    alpha_t = a_t / a_p
-    beta_t = 1 - alpha_t
-    mean = (a_p ** (0.5) * beta_t) / (1 - a_t) * x0 + alpha_t ** (0.5) * (1 - a_p) / (1 - a_t) * x_t
+    one_minus_beta = a_t / a_p
+    beta_t = 1 - one_minus_beta
+    mean = (a_p ** (0.5) * beta_t) / (1 - a_t) * x0 + one_minus_beta ** (0.5) * (1 - a_p) / (1 - a_t) * x_t
     var = torch.clamp((1 - a_p) / (1 - a_t) * beta_t, min=1e-20)
     return mean, var
 

@@ -16,6 +16,7 @@ from dlearn import datasets, ddim
 from dlearn.datasets import AUGMENT_LABELS
 from dlearn.ddpm import PREDICTION_TYPES, predict_x0_eps, q_sample, sample, velocity
 from dlearn.distributions import append_dims, levels_to_unit, log_discretized_gaussian, unit_to_levels
+from dlearn.elbo import BoundTerms
 from dlearn.nets import ConvDenoiser
 from dlearn.schedules import alpha_bar_from_betas, make_betas
 from dlearn.vdm import prior_matching_kl, x0_loss_weight
@@ -134,18 +135,24 @@ def _vlb_terms_at(model, x0, t, x_t, eps, out) -> torch.Tensor:
 @torch.no_grad()
 def vlb_terms(model: DigitsDDPM, x_levels: torch.Tensor, generator: torch.Generator | None = None,
               stride: int = 1, exact_below: int = 100, batch_size: int = 1024,
-              labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The variational bound L = L_T + sum_{t>1} L_{t-1} + L_0 per image, in nats (Ho et al. 2020, Eq. 5).
+              labels: torch.Tensor | None = None) -> BoundTerms:  # fmt: skip
+    """The variational bound L = L_T + sum_{t>1} L_{t-1} + L_0 per image, in nats (Ho et al. 2020, Eq. 5);
+    every term is a cost.
 
     Every step's KL is computed with one noise draw per image; with `stride` > 1, every step below
     `exact_below` is still visited (they carry most of the bound) and above it only every stride-th step
     from a random offset, its term scaled by `stride`: an unbiased stratified estimate. The decoder
     term L_0 is always computed.
 
-    `labels`: the images' classes, for a class-conditional model: then it is the bound on -log p(x | label).
+    Args:
+        x_levels: the images as grey levels 0..16, shape (B, 1, 8, 8).
+        labels: the images' classes, shape (B,), for a class-conditional model only: then it is the bound
+            on -log p(x | label).
 
     Returns:
-        per-image tensors "prior" (L_T), "diffusion" (the KL sum), "reconstruction" (L_0), "neg_elbo".
+        `BoundTerms`, each of shape (B,), float64: prior L_T = KL(q(x_T | x_0) || N(0, I)), latent the
+        denoising sum_{t>1} L_{t-1} (the KL sum), reconstruction L_0 = -log p(x_0 | x_1) (the decoder's NLL),
+        neg_elbo = prior + latent + reconstruction.
     """
     if not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
@@ -172,8 +179,7 @@ def vlb_terms(model: DigitsDDPM, x_levels: torch.Tensor, generator: torch.Genera
             else:
                 diffusion[i : i + batch_size] += weight[t_val] * term
     prior = prior_matching_kl(x0.double(), model.alpha_bar[-1].double())
-    return {"prior": prior, "diffusion": diffusion, "reconstruction": recon,
-            "neg_elbo": prior + diffusion + recon}  # fmt: skip
+    return BoundTerms(reconstruction=recon, prior=prior, latent=diffusion, neg_elbo=prior + diffusion + recon)
 
 
 def _check_labels(model: DigitsDDPM, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:

@@ -38,10 +38,20 @@ def classifier_guided_score(mixture: GaussianMixture, x: torch.Tensor, alpha_bar
 
 
 def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, w: float) -> torch.Tensor:
-    """Classifier-free guidance as diffusers and ControlNet write it: eps_uc + w (eps_c - eps_uc)."""
+    """Classifier-free guidance, the book's one combination of the two predictions (every chapter calls it):
+
+        eps_uc + w (eps_c - eps_uc)
+
+    as diffusers' pipelines, ControlNet and the null-text reference code write it, so their numbers are ours
+    to the bit. w = 1 returns eps_c and w = 0 returns eps_uc exactly (the sum above rounds at both).
+    """
     if eps_uncond.shape != eps_cond.shape:
         raise ValueError(f"the two predictions must have one shape, got {tuple(eps_uncond.shape)} and {tuple(eps_cond.shape)}")
-    return (1 - w) * eps_uncond + w * eps_cond  # the same sum, exact at w = 0 and w = 1 in floating point
+    if w == 1:
+        return eps_cond
+    if w == 0:
+        return eps_uncond
+    return eps_uncond + w * (eps_cond - eps_uncond)
 
 
 def cfg_ho_salimans(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, w_prime: float) -> torch.Tensor:

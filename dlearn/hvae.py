@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dlearn.distributions import kl_normal_diag_per_dim, levels_to_unit, log_normal_diag
-from dlearn.elbo import log_mean_exp
+from dlearn.elbo import BoundTerms, log_mean_exp
 from dlearn.nets import MLP
 from dlearn.toys import TwoLevelLinearGaussian
 from dlearn.vae import check_images, log_likelihood_in_pieces, upsampling_head
@@ -120,22 +120,23 @@ def markov_elbo_monte_carlo(model: TwoLevelLinearGaussian, x, q1, q2, num_sample
 class FixedGaussianEncoder(nn.Module):
     """H4's bridge to chapter 04: a Markov encoder with no learnable parameters.
 
-        q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, (1 - alpha_t) I),  t = 1..T
+        q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I),  t = 1..T
 
-    Every latent has the data's dimension; the schedule `alphas` is a buffer, not a parameter.
+    Every latent has the data's dimension; the schedule `one_minus_betas` (1 - beta_t, Luo's alpha_t) is a
+    buffer, not a parameter.
     """
 
-    def __init__(self, alphas: torch.Tensor):
+    def __init__(self, one_minus_betas: torch.Tensor):
         super().__init__()
-        alphas = torch.as_tensor(alphas, dtype=torch.float64)
-        if alphas.ndim != 1 or not ((alphas > 0) & (alphas < 1)).all():
-            raise ValueError(f"alphas must be a 1-D tensor of values in (0, 1), got {alphas}")
-        self.register_buffer("alphas", alphas)
+        one_minus_betas = torch.as_tensor(one_minus_betas, dtype=torch.float64)
+        if one_minus_betas.ndim != 1 or not ((one_minus_betas > 0) & (one_minus_betas < 1)).all():
+            raise ValueError(f"one_minus_betas must be a 1-D tensor of values in (0, 1), got {one_minus_betas}")
+        self.register_buffer("one_minus_betas", one_minus_betas)
 
     def forward(self, x0: torch.Tensor, generator=None) -> list[torch.Tensor]:
         """Sample the chain x_1, ..., x_T from x_0; returns the list of latents, each shaped like x0."""
         latents, x = [], x0
-        for a in self.alphas:
+        for a in self.one_minus_betas:
             x = a.sqrt() * x + (1 - a).sqrt() * torch.randn(x.shape, generator=generator, dtype=x.dtype)
             latents.append(x)
         return latents
@@ -287,11 +288,23 @@ def _draw(model: HVAE, x_levels: torch.Tensor, num_samples: int, generator) -> d
     return out
 
 
-def elbo_terms(model: HVAE, x_levels: torch.Tensor, generator=None) -> dict[str, torch.Tensor]:
-    """One-sample estimate of the bound per image, in nats, with its terms (each (B,)).
+def elbo_terms(model: HVAE, x_levels: torch.Tensor, generator=None) -> BoundTerms:
+    """One-sample estimate of the negative ELBO per image and its terms, in nats; every term is a cost.
 
-    Keys: "reconstruction" log p(x | z), "kl" the prior-matching part (analytic per level in top-down
-    inference, log q - log p in Markov inference), "kl1", "kl2" (top-down only), "neg_elbo".
+        -ELBO = -log p(x | z1, z2) + [log q(z1, z2 | x) - log p(z1 | z2) - log p(z2)]
+
+    at one joint draw (z1, z2) ~ q (the two-level bound of Luo 2022, Sec. 2.3, negated; top-down inference:
+    Sonderby et al. 2016).
+
+    Args:
+        x_levels: the images as grey levels 0..16, shape (B, 1, 8, 8).
+        generator: the noise of the draw.
+
+    Returns:
+        `BoundTerms`, each of shape (B,): reconstruction -log p(x | z) (the reconstruction NLL), prior the
+        whole prior-matching part (in top-down inference the analytic KL of each level given the parent
+        sample, in `parts` as "kl1" = KL(q(z1 | z2, x) || p(z1 | z2)) and "kl2" = KL(q(z2 | x) || p(z2));
+        in Markov inference log q - log p at the draw, `parts` empty), latent zero, neg_elbo = prior + reconstruction.
     """
     x_levels = check_images(x_levels)
     d = _draw(model, x_levels, 1, generator)
@@ -299,11 +312,11 @@ def elbo_terms(model: HVAE, x_levels: torch.Tensor, generator=None) -> dict[str,
     if model.config.inference == "top_down":
         kl1, kl2 = d["kl1_dims"][0].sum(-1), d["kl2_dims"][0].sum(-1)
         kl = kl1 + kl2
-        out = {"kl1": kl1, "kl2": kl2}
+        parts = {"kl1": kl1, "kl2": kl2}
     else:
         kl = (d["log_q_z"] - d["log_p_z"])[0]
-        out = {}
-    return {**out, "reconstruction": recon, "kl": kl, "neg_elbo": kl - recon}
+        parts = {}
+    return BoundTerms(reconstruction=-recon, prior=kl, latent=torch.zeros_like(kl), neg_elbo=kl - recon, parts=parts)
 
 
 @torch.no_grad()
@@ -319,7 +332,7 @@ def iwae_bound(model: HVAE, x_levels: torch.Tensor, num_samples: int = 1000, gen
 
 
 def training_loss(model: HVAE, x_levels, generator, step: int, warmup_steps: int = 0, free_bits: float = 0.0) -> torch.Tensor:
-    """The training objective: -(reconstruction - beta * KL), with beta rising linearly to 1 over
+    """The training objective: the reconstruction NLL plus beta * KL, with beta rising linearly to 1 over
     `warmup_steps`, and each latent dimension's KL (batch mean) floored at `free_bits` nats (top-down).
 
     Equal to the mean negative ELBO when warmup_steps = 0 and free_bits = 0.
@@ -327,7 +340,7 @@ def training_loss(model: HVAE, x_levels, generator, step: int, warmup_steps: int
     beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     if model.config.inference == "markov" or free_bits == 0:
         t = elbo_terms(model, x_levels, generator)
-        return (beta * t["kl"] - t["reconstruction"]).mean()
+        return (beta * t.prior + t.reconstruction).mean()
     d = _draw(model, check_images(x_levels), 1, generator)
     kl = sum(d[key][0].mean(0).clamp(min=free_bits).sum() for key in ("kl1_dims", "kl2_dims"))
     return beta * kl - d["log_lik"][0].mean()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dlearn import ddim
+from dlearn import ddim, guidance
 from dlearn.schedules import inference_timesteps
 from dlearn.text2image import tokenize
 
@@ -106,8 +106,7 @@ def guided_eps(world, x, t, cond, null, w: float) -> torch.Tensor:
     e_c = world.eps(x, t, cond)
     if w == 1.0:
         return e_c
-    e_u = world.eps(x, t, null)
-    return e_u + w * (e_c - e_u)
+    return guidance.cfg(world.eps(x, t, null), e_c, w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +269,7 @@ def null_text_optimisation(world, inv: Inversion, guidance_scale: float = 7.5, i
         for _ in range(inner_steps):
             null = _restricted(null0, u, bound)
             e_u = world.eps(z, t, null)
-            z_prev = denoise_step(world, z, t, t - r, e_u + guidance_scale * (e_c - e_u))
+            z_prev = denoise_step(world, z, t, t - r, guidance.cfg(e_u, e_c, guidance_scale))
             loss = ((z_prev - target) ** 2).mean()
             if penalty > 0:
                 loss = loss + penalty * ((null - null0) ** 2).mean()

@@ -5,10 +5,11 @@ For the variance-preserving process x_t = sqrt(a) x0 + sqrt(1 - a) eps (a = alph
 
     Tweedie:  sqrt(a) E[x0 | x_t] = x_t + (1 - a) grad log p(x_t)                       (Luo eq. 133)
     score:    grad log p(x_t) = -E[eps | x_t] / sqrt(1 - a)                              (Luo eq. 151)
-    mean:     mu_q = x_t / sqrt(alpha_t) + (1 - alpha_t) / sqrt(alpha_t) grad log p(x_t)  (Luo eq. 143)
+    mean:     mu_q = (x_t + beta_t grad log p(x_t)) / sqrt(1 - beta_t)                   (Luo eq. 143)
 
 so a network may predict x0, eps or the score: three targets with closed-form conversions.
-Variable name -> symbol: `a` alpha_bar_t, `alpha_t` alpha_bar_t / alpha_bar_{t-1}, `s` a score value.
+Variable name -> symbol: `a` alpha_bar_t, `one_minus_beta` 1 - beta_t = alpha_bar_t / alpha_bar_{t-1} (Luo's alpha_t),
+`s` a score value.
 """
 
 from __future__ import annotations
@@ -85,15 +86,15 @@ def eps_from_score(score: torch.Tensor, alpha_bar) -> torch.Tensor:
 
 
 def posterior_mean_score_form(x_t: torch.Tensor, score: torch.Tensor, alpha_bar_t, alpha_bar_prev) -> torch.Tensor:
-    """mu_q = x_t / sqrt(alpha_t) + (1 - alpha_t) / sqrt(alpha_t) * score (Luo eq. 143), alpha_t = a_t / a_prev."""
-    alpha_t = _a(alpha_bar_t, x_t) / _a(alpha_bar_prev, x_t)
-    return x_t / alpha_t.sqrt() + (1 - alpha_t) / alpha_t.sqrt() * score
+    """mu_q = x_t / sqrt(1 - beta_t) + beta_t / sqrt(1 - beta_t) * score (Luo eq. 143), 1 - beta_t = a_t / a_prev."""
+    one_minus_beta = _a(alpha_bar_t, x_t) / _a(alpha_bar_prev, x_t)
+    return x_t / one_minus_beta.sqrt() + (1 - one_minus_beta) / one_minus_beta.sqrt() * score
 
 
 def score_loss_weight(alpha_bar_t, alpha_bar_prev):
-    """The denoising KL as a score regression: (1 - alpha_t)^2 / (2 sigma_q^2 alpha_t) |s_theta - s|^2 (Luo eq. 148)."""
-    alpha_t = alpha_bar_t / alpha_bar_prev
-    return (1 - alpha_t) ** 2 / (2 * posterior_variance(alpha_bar_t, alpha_bar_prev) * alpha_t)
+    """The denoising KL as a score regression: beta_t^2 / (2 sigma_q^2 (1 - beta_t)) |s_theta - s|^2 (Luo eq. 148)."""
+    one_minus_beta = alpha_bar_t / alpha_bar_prev
+    return (1 - one_minus_beta) ** 2 / (2 * posterior_variance(alpha_bar_t, alpha_bar_prev) * one_minus_beta)
 
 
 # --------------------------------------------------------------------------------------------

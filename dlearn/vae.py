@@ -6,6 +6,9 @@ together by maximising the ELBO (Kingma & Welling 2014; Luo 2022, Sec. 2.2):
     ELBO = E_q[log p_theta(x | z)] - KL(q_phi(z | x) || N(0, I))
            reconstruction             prior matching
 
+`elbo_terms` reports the negative ELBO as `dlearn.elbo.BoundTerms`, each term a cost: the reconstruction
+NLL -log p_theta(x | z) and the prior-matching KL.
+
 The decoder here is a categorical distribution over the 17 grey levels of each pixel, so the
 bound is a bound on the discrete likelihood of the book's protocol, in nats per image. The recipe of
 the shipped weights and the likelihood protocol (`train_vae`, `evaluate`, `protocol_metrics`) are in
@@ -29,7 +32,7 @@ from dlearn.distributions import (
     levels_to_unit,
     log_categorical_pixels,
 )
-from dlearn.elbo import log_mean_exp
+from dlearn.elbo import BoundTerms, log_mean_exp
 
 
 @dataclass
@@ -147,12 +150,18 @@ def check_images(x_levels: torch.Tensor) -> torch.Tensor:
     return x_levels
 
 
-def elbo_terms(model: ConvVAE, x_levels: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """One-sample estimate of the ELBO's two terms per image, in nats.
+def elbo_terms(model: ConvVAE, x_levels: torch.Tensor, generator: torch.Generator | None = None) -> BoundTerms:
+    """One-sample estimate of the negative ELBO per image and its two terms, in nats; every term is a cost.
+
+        -ELBO = -E_q[log p(x | z)] + KL(q(z | x) || p(z))   (the negative of Luo 2022, Eq. 19)
+
+    Args:
+        x_levels: the images as grey levels 0..16, shape (B, 1, 8, 8).
 
     Returns:
-        {"reconstruction": E_q log p(x | z) (one z), "kl": KL(q(z | x) || N(0, I)) (exact),
-         "neg_elbo": kl - reconstruction}, each of shape (B,).
+        `BoundTerms`, each of shape (B,): reconstruction -log p(x | z) at one z ~ q(z | x) (the
+        reconstruction NLL, >= 0 for these categorical pixels), prior KL(q(z | x) || N(0, I)) (exact),
+        latent zero (a VAE has no terms in between), neg_elbo = prior + reconstruction.
     """
     x_levels = check_images(x_levels)
     mean, logvar = model.encode(x_levels)
@@ -160,7 +169,7 @@ def elbo_terms(model: ConvVAE, x_levels: torch.Tensor, generator: torch.Generato
     z = mean + (0.5 * logvar).exp() * eps  # reparameterisation (Luo eq. 19/20 area; Kingma & Welling 2014)
     recon = log_categorical_pixels(x_levels.to(mean.device), model.decode(z))
     kl = kl_normal_diag(mean, logvar)
-    return {"reconstruction": recon, "kl": kl, "neg_elbo": kl - recon}
+    return BoundTerms(reconstruction=-recon, prior=kl, latent=torch.zeros_like(kl), neg_elbo=kl - recon)
 
 
 def log_likelihood_in_pieces(logits_fn, x_levels: torch.Tensor, piece: int = 2000) -> torch.Tensor:

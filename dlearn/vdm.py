@@ -1,12 +1,13 @@
 """Chapter 04 (groundwork): the discrete-time variational bound's terms as closed forms.
 
-For the variance-preserving chain with alpha_t = alpha_bar_t / alpha_bar_{t-1} (Luo 2022, Sec. 2.4-2.5):
+For the variance-preserving chain with 1 - beta_t = alpha_bar_t / alpha_bar_{t-1} (Luo 2022, Sec. 2.4-2.5, who
+writes it alpha_t; here alpha_t is the signal scale sqrt(alpha_bar_t) of the continuous-time VDM):
 
-    sigma_q^2(t) = (1 - alpha_t)(1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)                     (Luo eq. 85)
+    sigma_q^2(t) = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)                            (Luo eq. 85)
     KL(q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t)) = w_x0(t) |x0_hat - x0|^2              (Luo eq. 99)
-        w_x0(t)  = alpha_bar_{t-1} (1 - alpha_t)^2 / (2 sigma_q^2(t) (1 - alpha_bar_t)^2)
+        w_x0(t)  = alpha_bar_{t-1} beta_t^2 / (2 sigma_q^2(t) (1 - alpha_bar_t)^2)
                  = (SNR(t-1) - SNR(t)) / 2                                                     (Luo eq. 110)
-        w_eps(t) = (1 - alpha_t)^2 / (2 sigma_q^2(t) (1 - alpha_bar_t) alpha_t)                 (Luo eq. 130)
+        w_eps(t) = beta_t^2 / (2 sigma_q^2(t) (1 - alpha_bar_t) (1 - beta_t))                  (Luo eq. 130)
 
 All functions take alpha_bar_t and alpha_bar_{t-1} explicitly (t >= 2, so alpha_bar_{t-1} < 1).
 """
@@ -20,18 +21,20 @@ from dlearn.datasets import AUGMENT_LABELS
 from dlearn.distributions import append_dims, levels_to_unit, log_categorical_pixels
 from dlearn.elbo import BoundTerms
 from dlearn.nets import ConvDenoiser
+from dlearn.schedules import LinearLogSNR, MonotoneLogSNR
 
 
 def posterior_variance(alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor) -> torch.Tensor:
     """sigma_q^2(t) of q(x_{t-1} | x_t, x0): the reverse variance fixed by the schedule alone."""
-    alpha_t = alpha_bar_t / alpha_bar_prev
-    return (1 - alpha_t) * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+    one_minus_beta = alpha_bar_t / alpha_bar_prev
+    return (1 - one_minus_beta) * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
 
 
 def x0_loss_weight(alpha_bar_t, alpha_bar_prev):
     """w_x0(t) of Luo eq. 99, from the Gaussian KL with equal variances."""
-    alpha_t = alpha_bar_t / alpha_bar_prev
-    return alpha_bar_prev * (1 - alpha_t) ** 2 / (2 * posterior_variance(alpha_bar_t, alpha_bar_prev) * (1 - alpha_bar_t) ** 2)
+    one_minus_beta = alpha_bar_t / alpha_bar_prev
+    sigma2_q = posterior_variance(alpha_bar_t, alpha_bar_prev)
+    return alpha_bar_prev * (1 - one_minus_beta) ** 2 / (2 * sigma2_q * (1 - alpha_bar_t) ** 2)
 
 
 def snr_loss_weight(alpha_bar_t, alpha_bar_prev):
@@ -42,8 +45,8 @@ def snr_loss_weight(alpha_bar_t, alpha_bar_prev):
 
 def eps_loss_weight(alpha_bar_t, alpha_bar_prev):
     """w_eps(t) of Luo eq. 130: the same KL written with the noise prediction."""
-    alpha_t = alpha_bar_t / alpha_bar_prev
-    return (1 - alpha_t) ** 2 / (2 * posterior_variance(alpha_bar_t, alpha_bar_prev) * (1 - alpha_bar_t) * alpha_t)
+    one_minus_beta = alpha_bar_t / alpha_bar_prev
+    return (1 - one_minus_beta) ** 2 / (2 * posterior_variance(alpha_bar_t, alpha_bar_prev) * (1 - alpha_bar_t) * one_minus_beta)
 
 
 def kl_equal_variance(mean_q: torch.Tensor, mean_p: torch.Tensor, var) -> torch.Tensor:
@@ -75,7 +78,7 @@ class GaussianDiffusion1D:
         betas = torch.as_tensor(betas, dtype=torch.float64)
         self.num_steps = len(betas)
         self.alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
-        self.alpha = torch.cat([torch.ones(1, dtype=torch.float64), 1 - betas])  # alpha[t] = 1 - beta_t
+        self.one_minus_beta = torch.cat([torch.ones(1, dtype=torch.float64), 1 - betas])  # [t] = 1 - beta_t
         self.m0, self.s0 = float(m0), float(s0)
 
     # --- exact conditionals -----------------------------------------------------------------
@@ -88,11 +91,11 @@ class GaussianDiffusion1D:
 
     def q_posterior_mean(self, t: int, x_t: torch.Tensor, x0) -> torch.Tensor:
         """mu_q(x_t, x0) of q(x_{t-1} | x_t, x0) (Luo eq. 84)."""
-        a_t, a_p, al = self.alpha_bar[t], self.alpha_bar[t - 1], self.alpha[t]
+        a_t, a_p, al = self.alpha_bar[t], self.alpha_bar[t - 1], self.one_minus_beta[t]
         return (al.sqrt() * (1 - a_p) * x_t + a_p.sqrt() * (1 - al) * x0) / (1 - a_t)
 
     def q_posterior_var(self, t: int) -> torch.Tensor:
-        a_t, a_p, al = self.alpha_bar[t], self.alpha_bar[t - 1], self.alpha[t]
+        a_t, a_p, al = self.alpha_bar[t], self.alpha_bar[t - 1], self.one_minus_beta[t]
         return (1 - al) * (1 - a_p) / (1 - a_t)
 
     def model_step(self, t: int, x_t: torch.Tensor):
@@ -108,7 +111,7 @@ class GaussianDiffusion1D:
         xs = [torch.full((n,), float(x0), dtype=torch.float64)]
         for t in range(1, self.num_steps + 1):
             noise = torch.randn(n, generator=generator, dtype=torch.float64)
-            xs.append(self.alpha[t].sqrt() * xs[-1] + (1 - self.alpha[t]).sqrt() * noise)
+            xs.append(self.one_minus_beta[t].sqrt() * xs[-1] + (1 - self.one_minus_beta[t]).sqrt() * noise)
         return torch.stack(xs, 1)
 
     # --- the forms of the bound ------------------------------------------------------------
@@ -116,13 +119,17 @@ class GaussianDiffusion1D:
     def _log_normal(x, mean, var):
         return -0.5 * (torch.log(2 * torch.pi * torch.as_tensor(var)) + (x - mean) ** 2 / var)
 
+    def q_step(self, t: int, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t)."""
+        return self.one_minus_beta[t].sqrt() * x_prev, 1 - self.one_minus_beta[t]
+
     def trajectory_log_ratio(self, traj: torch.Tensor) -> torch.Tensor:
         """log p(x_{0:T}) - log q(x_{1:T} | x0) per trajectory: the bound's direct estimator, shape (n,)."""
         total = self._log_normal(traj[:, -1], 0.0, 1.0)
         for t in range(1, self.num_steps + 1):
             mean, var = self.model_step(t, traj[:, t])
             total = total + self._log_normal(traj[:, t - 1], mean, var)
-            total = total - self._log_normal(traj[:, t], self.alpha[t].sqrt() * traj[:, t - 1], 1 - self.alpha[t])
+            total = total - self._log_normal(traj[:, t], *self.q_step(t, traj[:, t - 1]))
         return total
 
     def consistency_terms(self, traj: torch.Tensor) -> torch.Tensor:
@@ -132,12 +139,12 @@ class GaussianDiffusion1D:
         cols = [self._log_normal(traj[:, 0], *self.model_step(1, traj[:, 1]))]
         for t in range(1, self.num_steps):
             mean, var = self.model_step(t + 1, traj[:, t + 1])
-            q = self._log_normal(traj[:, t], self.alpha[t].sqrt() * traj[:, t - 1], 1 - self.alpha[t])
+            q = self._log_normal(traj[:, t], *self.q_step(t, traj[:, t - 1]))
             cols.append(self._log_normal(traj[:, t], mean, var) - q)
         t = self.num_steps
         cols.append(
             self._log_normal(traj[:, t], 0.0, 1.0)
-            - self._log_normal(traj[:, t], self.alpha[t].sqrt() * traj[:, t - 1], 1 - self.alpha[t])
+            - self._log_normal(traj[:, t], *self.q_step(t, traj[:, t - 1]))
         )
         return torch.stack(cols, 1)
 
@@ -152,9 +159,9 @@ class GaussianDiffusion1D:
         cols = [self._log_normal(traj[:, 0], *self.model_step(1, traj[:, 1]))]
         for t in range(1, self.num_steps):
             mean_p, var_p = self.model_step(t + 1, traj[:, t + 1])
-            cols.append(-self._kl(self.alpha[t].sqrt() * traj[:, t - 1], 1 - self.alpha[t], mean_p, var_p))
+            cols.append(-self._kl(*self.q_step(t, traj[:, t - 1]), mean_p, var_p))
         t = self.num_steps
-        cols.append(-self._kl(self.alpha[t].sqrt() * traj[:, t - 1], 1 - self.alpha[t], torch.zeros(()), torch.ones(())))
+        cols.append(-self._kl(*self.q_step(t, traj[:, t - 1]), torch.zeros(()), torch.ones(())))
         return torch.stack(cols, 1)
 
     def denoising_terms(self, traj: torch.Tensor) -> torch.Tensor:
@@ -209,56 +216,6 @@ class GaussianDiffusion1D:
         return total - self._kl(a.sqrt() * x0, 1 - a, torch.zeros(()), torch.ones(()))
 
 
-def betas_from_logsnr(logsnr_fn, num_steps: int) -> torch.Tensor:
-    """Betas whose latents sit at s = 0, 1/(T-1), ..., 1 of a log-SNR function: alpha_bar_i = sigmoid(logsnr(s_i)).
-
-    The first latent has SNR exp(logsnr(0)) and the last exp(logsnr(1)), whatever T is: the endpoints
-    of the continuous-time schedule (Kingma et al. 2021) stay fixed as T grows.
-    """
-    s = torch.linspace(0, 1, num_steps, dtype=torch.float64)
-    alpha_bar = torch.sigmoid(logsnr_fn(s))
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-    return 1 - alpha_bar / prev
-
-
-class MonotoneLogSNR(nn.Module):
-    """A learnable noise schedule: the log-SNR lambda(t) = log(alpha_t^2 / sigma_t^2), decreasing in t by construction.
-
-        raw(t) = l1(t) + l3(sigmoid(l2(l1(t))))  with every weight softplus-positive, so raw is increasing,
-        lambda(t) = lambda_max + (lambda_min - lambda_max) (raw(t) - raw(0)) / (raw(1) - raw(0))
-
-    so the SNR decreases strictly from exp(lambda_max) at t = 0 to exp(lambda_min) at t = 1; the endpoints are
-    parameters too. alpha_t^2 = sigmoid(lambda), sigma_t^2 = sigmoid(-lambda) (Luo eqs. 111-114). This is the
-    monotone network of Kingma et al. (2021, App. H), who write the schedule as gamma = -lambda, increasing in t.
-
-    Args:
-        logsnr_max: lambda(0), the log-SNR at t = 0 (the least noise).
-        logsnr_min: lambda(1), the log-SNR at t = 1 (the most noise); below logsnr_max.
-        hidden: width of the monotone network's hidden layer.
-    """
-
-    def __init__(self, logsnr_max: float = 10.0, logsnr_min: float = -8.0, hidden: int = 1024):
-        super().__init__()
-        self.logsnr_max, self.logsnr_min = nn.Parameter(torch.tensor(logsnr_max)), nn.Parameter(torch.tensor(logsnr_min))
-        self.w1, self.b1 = nn.Parameter(torch.randn(1)), nn.Parameter(torch.zeros(1))
-        self.w2, self.b2 = nn.Parameter(torch.randn(hidden)), nn.Parameter(torch.randn(hidden))
-        self.w3 = nn.Parameter(torch.randn(hidden) / hidden**0.5)
-
-    def _raw(self, t: torch.Tensor) -> torch.Tensor:
-        pos = nn.functional.softplus
-        h = pos(self.w1) * t[..., None] + self.b1  # (..., 1)
-        return h[..., 0] + torch.sigmoid(pos(self.w2) * h + self.b2) @ pos(self.w3)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """lambda(t), the log-SNR at t in [0, 1]: same shape as t."""
-        ends = self._raw(torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device))
-        return self.logsnr_max + (self.logsnr_min - self.logsnr_max) * (self._raw(t) - ends[0]) / (ends[1] - ends[0])
-
-    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
-        """alpha_t^2 = sigmoid(lambda(t)), the signal variance at t: same shape as t."""
-        return torch.sigmoid(self(t))
-
-
 def true_reverse_step(mixture, alpha_bar_t: float, alpha_bar_prev: float, x_t: torch.Tensor):
     """The true reverse step q(x_{t-1} | x_t) of mixture data (TB3), exactly (D9):
 
@@ -275,13 +232,13 @@ def true_reverse_step(mixture, alpha_bar_t: float, alpha_bar_prev: float, x_t: t
         weights (K,), means (K, d), covariances (K, d, d).
     """
     eye = torch.eye(mixture.dim, dtype=torch.float64)
-    alpha_t = alpha_bar_t / alpha_bar_prev
+    one_minus_beta = alpha_bar_t / alpha_bar_prev
     weights = mixture.class_posterior(x_t, alpha_bar_t)[0]
     means, covs = [], []
     for mu, sigma in zip(mixture.means, mixture.covs, strict=True):
         m_p, c_pp = alpha_bar_prev**0.5 * mu, alpha_bar_prev * sigma + (1 - alpha_bar_prev) * eye
         m_t, c_tt = alpha_bar_t**0.5 * mu, alpha_bar_t * sigma + (1 - alpha_bar_t) * eye
-        c_pt = alpha_t**0.5 * c_pp  # Cov(x_{t-1}, x_t)
+        c_pt = one_minus_beta**0.5 * c_pp  # Cov(x_{t-1}, x_t)
         gain = torch.linalg.solve(c_tt, c_pt.T).T
         means.append(m_p + (x_t[0] - m_t) @ gain.T)
         covs.append(c_pp - gain @ c_pt.T)
@@ -291,21 +248,6 @@ def true_reverse_step(mixture, alpha_bar_t: float, alpha_bar_prev: float, x_t: t
 # --------------------------------------------------------------------------------------------
 # A continuous-time VDM on the digits (Kingma et al. 2021), with a 17-level denoiser
 # --------------------------------------------------------------------------------------------
-
-
-class LinearLogSNR(nn.Module):
-    """A fixed schedule, linear in log-SNR: lambda(t) = lambda_max + (lambda_min - lambda_max) t; no parameters.
-
-    The defaults are the endpoints of Kingma et al. (2021): SNR from exp(13.3) at t = 0 to exp(-5) at t = 1.
-    """
-
-    def __init__(self, logsnr_max: float = 13.3, logsnr_min: float = -5.0):
-        super().__init__()
-        self.logsnr_max, self.logsnr_min = logsnr_max, logsnr_min
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """lambda(t), the log-SNR at t in [0, 1]: same shape as t."""
-        return self.logsnr_max + (self.logsnr_min - self.logsnr_max) * t
 
 
 def level_values(device=None, dtype=torch.float32) -> torch.Tensor:
@@ -340,7 +282,7 @@ class VDM(nn.Module):
     Args:
         net: (z_t (B, 1, 8, 8), logsnr (B,)) -> logits (B, 17, 8, 8); e.g. `_LevelDenoiser`.
             With parameterisation "eps" the net outputs the noise instead, shape (B, 1, 8, 8).
-        schedule: t (B,) -> lambda(t) (B,), the log-SNR for t in [0, 1] (`LinearLogSNR` or `MonotoneLogSNR`).
+        schedule: t (B,) -> lambda(t) (B,), the log-SNR for t in [0, 1] (`schedules.LinearLogSNR` or `schedules.MonotoneLogSNR`).
         parameterisation: "levels" (above) or "eps": x0_hat = (z_t - sigma eps_hat) / alpha, the plain
             noise prediction of DDPM, kept for the comparison of chapter 04.
     """
@@ -431,7 +373,7 @@ class _LevelDenoiser(nn.Module):
 
 def build_vdm(learned: bool = True, logsnr_max: float = 10.0, logsnr_min: float = -6.0, channels=(32, 64),
               parameterisation: str = "levels", augment: bool = False) -> VDM:  # fmt: skip
-    """The digits VDM: a 17-level conv denoiser (or a plain eps one) and a learned (`MonotoneLogSNR`) or
+    """The digits VDM: a 17-level conv denoiser (or a plain eps one) and a learned (`schedules.MonotoneLogSNR`) or
     fixed linear schedule from log-SNR `logsnr_max` at t = 0 to `logsnr_min` at t = 1; with `augment`, a
     denoiser that also takes augmentation labels."""
     schedule = MonotoneLogSNR(logsnr_max, logsnr_min, hidden=64) if learned else LinearLogSNR(logsnr_max, logsnr_min)

@@ -38,9 +38,9 @@ def test_check_D3_reference_constants_and_learned_schedules():
     f = lambda t: math.cos((t + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
     assert f(1) / f(0) == pytest.approx(3.7e-33, rel=0.05)
     assert schedules.cosine_betas(1000).max().item() == pytest.approx(0.999)  # hence the clip
-    # fixed (a hyper-parameter: no parameters) or learned (VDM's gamma network: parameters)
-    assert distributions is not None and sum(p.numel() for p in vdm.LinearLogSNR().parameters()) == 0
-    assert sum(p.numel() for p in vdm.MonotoneLogSNR(hidden=8).parameters() if p.requires_grad) > 0
+    # fixed (a hyper-parameter: no parameters) or learned (VDM's learned log-SNR network: parameters)
+    assert distributions is not None and sum(p.numel() for p in schedules.LinearLogSNR().parameters()) == 0
+    assert sum(p.numel() for p in schedules.MonotoneLogSNR(hidden=8).parameters() if p.requires_grad) > 0
 
 
 def test_check_D4_the_forward_process_has_no_parameters(tiny, gen):
@@ -165,19 +165,20 @@ def test_vlb_terms_add_up_and_the_vlb_loss_estimates_them(tiny):
     x, _ = datasets.digits("val")
     x = x[:32]
     terms = diffusion.vlb_terms(tiny, x, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(terms["neg_elbo"], terms["prior"] + terms["diffusion"] + terms["reconstruction"])
-    assert all(v.shape == (32,) and torch.isfinite(v).all() for v in terms.values())
-    assert (terms["prior"] > 0).all() and (terms["reconstruction"] >= 0).all()
+    torch.testing.assert_close(terms.neg_elbo, terms.prior + terms.latent + terms.reconstruction)
+    each = (terms.prior, terms.latent, terms.reconstruction, terms.neg_elbo)
+    assert all(v.shape == (32,) and torch.isfinite(v).all() for v in each)
+    assert (terms.prior > 0).all() and (terms.reconstruction >= 0).all()
     # the stratified estimate (every 10th step) agrees with the full sum within Monte Carlo error
     gens = [torch.Generator().manual_seed(s) for s in range(8)]
-    strided = torch.stack([diffusion.vlb_terms(tiny, x, g, stride=10)["neg_elbo"].mean() for g in gens])
-    assert abs(strided.mean() - terms["neg_elbo"].mean()) < 4 * strided.std() / math.sqrt(8) + 0.02 * terms["neg_elbo"].mean()
+    strided = torch.stack([diffusion.vlb_terms(tiny, x, g, stride=10).neg_elbo.mean() for g in gens])
+    assert abs(strided.mean() - terms.neg_elbo.mean()) < 4 * strided.std() / math.sqrt(8) + 0.02 * terms.neg_elbo.mean()
     # L_vlb training loss: T E_t[L_t] / d with t uniform on 0..T-1 is unbiased for (L_0 + sum_t L_t) / d
     g = torch.Generator().manual_seed(1)
     x0 = distributions.levels_to_unit(x)
     with torch.no_grad():
         draws = torch.stack([diffusion.training_loss(tiny, x0, g, "vlb") for _ in range(400)])
-    target = (terms["diffusion"] + terms["reconstruction"]).mean().item() / 64
+    target = (terms.latent + terms.reconstruction).mean().item() / 64
     assert abs(draws.mean().item() - target) < 4 * draws.std().item() / math.sqrt(400)
 
 
@@ -258,7 +259,7 @@ def test_check_P12_the_histogram_baseline_and_a_discretised_decoder_that_gives_a
     torch.manual_seed(0)
     model = diffusion.DigitsDDPM("levels", channels=(8, 16)).eval()
     terms = diffusion.vlb_terms(model, x_test[:50], torch.Generator().manual_seed(0), stride=10)
-    assert (terms["reconstruction"] >= 0).all() and (terms["neg_elbo"] > 0).all()
+    assert (terms.reconstruction >= 0).all() and (terms.neg_elbo > 0).all()
 
 
 def test_an_augmented_ddpm_samples_the_plain_digits_when_given_no_labels(gen):
@@ -291,7 +292,7 @@ def test_a_class_conditional_ddpm_reads_its_labels(tiny_class, gen):
         assert (tiny_class(x, t, labels=y) - tiny_class(x, t, labels=(y + 1) % 10)).abs().max() > 1e-4
         assert torch.isfinite(diffusion.training_loss(tiny_class, x, gen, labels=y))
         terms = diffusion.vlb_terms(tiny_class, datasets.digits("val")[0][:20], gen, stride=100, labels=y[:20])
-    assert torch.isfinite(terms["neg_elbo"]).all()
+    assert torch.isfinite(terms.neg_elbo).all()
 
 
 def test_generate_samples_a_class_conditional_model_with_stratified_labels(tiny_class):

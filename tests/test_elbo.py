@@ -120,3 +120,13 @@ def test_log_mean_exp_and_bad_input(tb1):
         elbo.fit_gaussian_q(tb1, torch.zeros(2, 5))
     with pytest.raises(TypeError, match="Gaussian"):
         elbo.rsample(torch.distributions.Uniform(0.0, 1.0), 3)
+
+
+def test_bound_terms_reject_a_term_of_the_wrong_shape():
+    b = torch.ones(4)
+    t = elbo.BoundTerms(reconstruction=b, prior=b, latent=torch.zeros(4), neg_elbo=2 * b)
+    assert t.parts == {}
+    with pytest.raises(ValueError, match=r"BoundTerms.prior must be a tensor of the bound's shape \(4,\), got \(4, 1\)"):
+        elbo.BoundTerms(reconstruction=b, prior=b[:, None], latent=torch.zeros(4), neg_elbo=2 * b)
+    with pytest.raises(ValueError, match=r"BoundTerms.latent must be a tensor of the bound's shape \(4,\), got float"):
+        elbo.BoundTerms(reconstruction=b, prior=b, latent=0.0, neg_elbo=2 * b)

@@ -45,6 +45,8 @@ def test_check_G3_three_forms_of_classifier_free_guidance(gen):
         torch.testing.assert_close(guidance.cfg_ho_salimans(e_u, e_c, w - 1), ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(-((1 - a) ** 0.5) * guidance.cfg_score(s_u, s_c, w), ref, rtol=1e-12, atol=1e-12)
     assert torch.equal(guidance.cfg(e_u, e_c, 1.0), e_c) and torch.equal(guidance.cfg(e_u, e_c, 0.0), e_u)
+    # elsewhere, bit for bit the sum diffusers' pipelines compute (noise_pred_uncond + w * (text - uncond))
+    assert torch.equal(guidance.cfg(e_u, e_c, 7.5), e_u + 7.5 * (e_c - e_u))
     # w = 1 and w = 0 reproduce the conditional and unconditional samplers exactly
     mix, ab = toys.mixture_2d(), _ab()
     x_T = torch.randn(300, 2, generator=gen, dtype=torch.float64)

@@ -55,7 +55,7 @@ def test_check_H4_a_vdm_encoder_has_no_parameters():
     model = hvae.HVAE(z1_channels=1, z2_dim=2, channels=(8, 8), hidden=16)
     learned_encoder = [p for n, p in model.named_parameters() if n.split(".")[0] in ("encoder", "q1", "q2")]
     assert sum(p.numel() for p in learned_encoder) > 0
-    fixed = hvae.FixedGaussianEncoder(alphas=torch.tensor([0.9, 0.8]))
+    fixed = hvae.FixedGaussianEncoder(one_minus_betas=torch.tensor([0.9, 0.8]))
     assert sum(p.numel() for p in fixed.parameters()) == 0
     x = torch.randn(3, 5, dtype=torch.float64)
     z = fixed(x, torch.Generator().manual_seed(0))
@@ -67,10 +67,10 @@ def test_digits_hvae_bound_terms_and_iwae(gen):
     for inference in ("markov", "top_down"):
         model = hvae.HVAE(z1_channels=1, z2_dim=2, channels=(8, 8), hidden=16, inference=inference).eval()
         t = hvae.elbo_terms(model, x[:8], gen)
-        torch.testing.assert_close(t["neg_elbo"], t["kl"] - t["reconstruction"])
-        assert t["neg_elbo"].shape == (8,) and torch.isfinite(t["neg_elbo"]).all()
+        torch.testing.assert_close(t.neg_elbo, t.prior + t.reconstruction)
+        assert t.neg_elbo.shape == (8,) and torch.isfinite(t.neg_elbo).all()
         # IWAE with K samples >= the mean one-sample ELBO (in expectation; with a margin for noise)
-        elbo_mean = -torch.stack([hvae.elbo_terms(model, x[:8], gen)["neg_elbo"] for _ in range(200)]).mean(0)
+        elbo_mean = -torch.stack([hvae.elbo_terms(model, x[:8], gen).neg_elbo for _ in range(200)]).mean(0)
         iwae = hvae.iwae_bound(model, x[:8], 200, gen)
         assert (iwae > elbo_mean - 0.5).all()
 
@@ -91,7 +91,7 @@ def test_training_loss_reduces_to_the_elbo_and_bad_config():
     model = hvae.HVAE(z1_channels=1, z2_dim=2, channels=(8, 8), hidden=16).eval()  # no dropout
     x, _ = datasets.digits("val")
     a = hvae.training_loss(model, x[:16], torch.Generator().manual_seed(3), step=0)
-    b = hvae.elbo_terms(model, x[:16], torch.Generator().manual_seed(3))["neg_elbo"].mean()
+    b = hvae.elbo_terms(model, x[:16], torch.Generator().manual_seed(3)).neg_elbo.mean()
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="inference"):
         hvae.HVAEConfig(inference="bottom_up")
@@ -107,7 +107,7 @@ def test_the_shipped_hvae_uses_both_levels():
     x, _ = datasets.digits("test")
     g = torch.Generator().manual_seed(0)
     t = hvae.elbo_terms(model, x, g)
-    assert t["kl1"].mean() > 1 and t["kl2"].mean() > 1  # neither level collapsed
+    assert t.parts["kl1"].mean() > 1 and t.parts["kl2"].mean() > 1  # neither level collapsed
 
 
 def test_posterior_z2_is_the_top_down_encoder(gen):

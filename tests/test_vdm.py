@@ -139,7 +139,7 @@ def test_expected_bound_is_the_mean_of_the_sampled_bound(tb2_chain):
 def test_check_D20_the_learned_schedule_is_monotone():
     for seed in range(100):
         torch.manual_seed(seed)
-        net = vdm.MonotoneLogSNR(hidden=64).double()
+        net = schedules.MonotoneLogSNR(hidden=64).double()
         t = torch.linspace(0, 1, 10_000, dtype=torch.float64, requires_grad=True)
         (grad,) = torch.autograd.grad(net(t).sum(), t)
         assert (grad < 0).all(), seed  # the log-SNR falls: the SNR decreases in t
@@ -156,15 +156,15 @@ def test_the_schedules_return_the_log_snr():
     t = torch.linspace(0, 1, 10_001, dtype=torch.float64)
     for seed in range(5):
         torch.manual_seed(seed)
-        net = vdm.MonotoneLogSNR(logsnr_max=7.5, logsnr_min=-4.0, hidden=32).double()
+        net = schedules.MonotoneLogSNR(logsnr_max=7.5, logsnr_min=-4.0, hidden=32).double()
         with torch.no_grad():
             lam = net(t)
         assert (lam[1:] < lam[:-1]).all(), seed
         torch.testing.assert_close(lam[[0, -1]], torch.tensor([7.5, -4.0], dtype=torch.float64), rtol=0, atol=1e-12)
         torch.testing.assert_close(net.alpha_bar(t).detach(), torch.sigmoid(lam), rtol=0, atol=0)
-    linear = vdm.LinearLogSNR(logsnr_max=6.0, logsnr_min=-7.0)
+    linear = schedules.LinearLogSNR(logsnr_max=6.0, logsnr_min=-7.0)
     assert linear(torch.tensor(0.0)) == 6.0 and linear(torch.tensor(1.0)) == -7.0
-    alpha_bar = schedules.alpha_bar_from_betas(vdm.betas_from_logsnr(linear, 200))
+    alpha_bar = schedules.alpha_bar_from_betas(schedules.betas_from_logsnr(linear, 200))
     s = torch.linspace(0, 1, 200, dtype=torch.float64)
     torch.testing.assert_close(schedules.logsnr(alpha_bar), linear(s), rtol=0, atol=1e-9)
 
@@ -176,7 +176,8 @@ def test_check_D21_the_bound_depends_on_the_schedule_only_through_its_endpoints(
     gaps, bounds = [], {}
     for num_steps in (10, 100, 1000):
         b = [
-            vdm.GaussianDiffusion1D(vdm.betas_from_logsnr(f, num_steps)).expected_bound(0.9) for f in (linear, cosine, other_end)
+            vdm.GaussianDiffusion1D(schedules.betas_from_logsnr(f, num_steps)).expected_bound(0.9)
+            for f in (linear, cosine, other_end)
         ]
         gaps.append((b[0] - b[1]).abs().item())
         bounds[num_steps] = b
@@ -319,7 +320,7 @@ def test_decoder_probabilities_are_normalised_and_sharpen():
 
 def test_the_diffusion_term_is_an_unbiased_estimate_of_its_integral():
     """With x0_hat = 0 the diffusion term is 1/2 |x|^2 (SNR(0) - SNR(1)) exactly; the random-t estimate averages to it."""
-    model = vdm.VDM(_ZeroNet(), vdm.LinearLogSNR(5.0, -5.0))
+    model = vdm.VDM(_ZeroNet(), schedules.LinearLogSNR(5.0, -5.0))
     model.x0_hat = lambda z, logsnr, aug=None: torch.zeros_like(z)
     x, _ = datasets.digits("test")
     x = x[:1].expand(20_000, 1, 8, 8)
@@ -337,7 +338,7 @@ def test_vdm_terms_shapes_and_bound_is_finite():
     from dlearn import nets
 
     net = nets.ConvDenoiser(in_ch=1, out_ch=17, channels=(8, 16), emb_dim=16, emb_scale=10.0)
-    model = vdm.VDM(net, vdm.MonotoneLogSNR(hidden=16))
+    model = vdm.VDM(net, schedules.MonotoneLogSNR(hidden=16))
     x, _ = datasets.digits("val")
     t = model.neg_elbo_terms(x[:6], torch.Generator().manual_seed(0))
     assert isinstance(t, elbo.BoundTerms)

@@ -36,7 +36,7 @@ def evaluate(
     x, _ = datasets.digits(split)
     g = torch.Generator().manual_seed(seed)
     model.eval()
-    neg_elbo = torch.stack([elbo_fn(model, x, g)["neg_elbo"] for _ in range(elbo_samples)]).mean(0)
+    neg_elbo = torch.stack([elbo_fn(model, x, g).neg_elbo for _ in range(elbo_samples)]).mean(0)
     neg_iwae = -iwae_fn(model, x, num_samples, g)
     return {"neg_elbo": neg_elbo.mean().item(), f"neg_iwae_{num_samples}": neg_iwae.mean().item()}
 
@@ -66,7 +66,7 @@ def train_vae(
         model = ConvVAE(VAEConfig(**config_kwargs))
 
     def loss_fn(m, batch, gen):
-        return elbo_terms(m, batch[0], gen)["neg_elbo"].mean()
+        return elbo_terms(m, batch[0], gen).neg_elbo.mean()
 
     cfg = TrainConfig(
         max_steps=max_steps, batch_size=64, lr=lr, lr_schedule="cosine", ema=ema, eval_every=100, seed=seed, progress=progress
@@ -79,4 +79,4 @@ def validation_neg_elbo(model: nn.Module, elbo_fn, samples: int = 4) -> float:
     """Mean negative ELBO on the validation split (4 draws per image, fixed noise): the early-stopping metric."""
     x_val, _ = datasets.digits("val")
     g = torch.Generator().manual_seed(1234)
-    return torch.stack([elbo_fn(model, x_val, g)["neg_elbo"] for _ in range(samples)]).mean().item()
+    return torch.stack([elbo_fn(model, x_val, g).neg_elbo for _ in range(samples)]).mean().item()
