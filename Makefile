@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 book: env
 	$(RUN) $(PY) -m dlearn.book $(NB)
 
-# unit tests: every module against its oracles, on small inputs
+# unit tests: every module against its oracles on small inputs, live checks of the shipped models, the recorded numbers
 unit: env
 	$(RUN) $(PY) -m pytest -n $(JOBS) -m "not registry" tests
 

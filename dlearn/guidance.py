@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from dlearn import ddim
+from dlearn.distributions import append_dims
 from dlearn.nets import MLP, sinusoidal_embedding
 from dlearn.toys import GaussianMixture
 
@@ -115,7 +116,7 @@ def train_class_conditional_mlp(mixture: GaussianMixture, alpha_bar: torch.Tenso
         y = torch.where(drop, torch.full_like(y, mixture.num_components), y)
         t = torch.randint(0, len(alpha_bar), (batch_size,), generator=g)
         eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-        a = alpha_bar[t].double()[:, None]
+        a = append_dims(alpha_bar[t].double(), x0.ndim)
         loss = ((net((a.sqrt() * x0 + (1 - a).sqrt() * eps).float(), t, y) - eps.float()) ** 2).sum(1).mean()
         opt.zero_grad()
         loss.backward()

@@ -254,7 +254,7 @@ def train_score_mlp(mixture: GaussianMixture, alpha_bar: torch.Tensor, steps: in
         x0, _ = mixture.sample(batch_size, g)
         t = torch.randint(0, len(alpha_bar), (batch_size,), generator=g)
         eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-        a = alpha_bar[t].double()[:, None]
+        a = append_dims(alpha_bar[t].double(), x0.ndim)
         x_t = (a.sqrt() * x0 + (1 - a).sqrt() * eps).float()
         loss = ((net(x_t, t) - eps.float()) ** 2).sum(1).mean()
         opt.zero_grad()

@@ -34,7 +34,7 @@ def path(name: str) -> Path:
 
 def hint(name: str) -> str:
     """What to do when the file of `name` is missing or damaged."""
-    return f"Recreate it with `python -m dlearn.zoo train {name}` (or restore it with `git checkout -- dlearn/weights`)."
+    return f"Recreate it with `python -m dlearn.zoo train {name}` (or {RESTORE})."
 
 
 def info(name: str) -> dict:
@@ -80,7 +80,11 @@ def save_record(name: str, metadata: dict) -> None:
     found[name] = metadata
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=WEIGHTS_DIR, prefix=".records-", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(dict(sorted(found.items())), indent=1, sort_keys=True) + "\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; the records are package data
-    os.replace(tmp, WEIGHTS_DIR / RECORDS)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(dict(sorted(found.items())), indent=1, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the records are package data
+        os.replace(tmp, WEIGHTS_DIR / RECORDS)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -280,7 +280,7 @@ class VDM(nn.Module):
     The decoder p(x | z_0) is the same likelihood, normalised over levels.
 
     Args:
-        net: (z_t (B, 1, 8, 8), logsnr (B,)) -> logits (B, 17, 8, 8); e.g. `_LevelDenoiser`.
+        net: (z_t (B, 1, 8, 8), logsnr (B,)) -> logits (B, 17, 8, 8); e.g. the one `build_vdm` makes.
             With parameterisation "eps" the net outputs the noise instead, shape (B, 1, 8, 8).
         schedule: t (B,) -> lambda(t) (B,), the log-SNR for t in [0, 1] (`schedules.LinearLogSNR` or `schedules.MonotoneLogSNR`).
         parameterisation: "levels" (above) or "eps": x0_hat = (z_t - sigma eps_hat) / alpha, the plain
@@ -303,7 +303,7 @@ class VDM(nn.Module):
         """
         out = self.net(z_t, logsnr) if aug is None else self.net(z_t, logsnr, aug)
         if self.parameterisation == "eps":
-            lam = logsnr.reshape(-1, 1, 1, 1)
+            lam = append_dims(logsnr, z_t.ndim)
             return (z_t - torch.sigmoid(-lam).sqrt() * out) / torch.sigmoid(lam).sqrt()
         logits = out + level_log_likelihoods(z_t, logsnr)[:, :, 0]  # (B, 17, 8, 8)
         probs = torch.softmax(logits, dim=1)
@@ -337,7 +337,7 @@ class VDM(nn.Module):
         # reconstruction at t = 0
         eps0 = torch.randn(x.shape, generator=generator).to(dev)
         lam0 = ends[0].expand(b)
-        z0 = torch.sigmoid(lam0).sqrt().reshape(-1, 1, 1, 1) * x + torch.sigmoid(-lam0).sqrt().reshape(-1, 1, 1, 1) * eps0
+        z0 = append_dims(torch.sigmoid(lam0).sqrt(), x.ndim) * x + append_dims(torch.sigmoid(-lam0).sqrt(), x.ndim) * eps0
         recon = -log_categorical_pixels(x_levels.to(dev), level_log_likelihoods(z0, lam0))
         # prior at t = 1
         a1, s1 = torch.sigmoid(ends[1]), torch.sigmoid(-ends[1])
@@ -350,7 +350,7 @@ class VDM(nn.Module):
         logsnr = self.schedule(t)
         (dlogsnr,) = torch.autograd.grad(logsnr.sum(), t, create_graph=True)
         eps = torch.randn(x.shape, generator=generator).to(dev)
-        lam = logsnr.reshape(-1, 1, 1, 1)
+        lam = append_dims(logsnr, x.ndim)
         z_t = torch.sigmoid(lam).sqrt() * x + torch.sigmoid(-lam).sqrt() * eps
         err = ((x - self.x0_hat(z_t, logsnr, aug)) ** 2).reshape(b, -1).sum(1)
         diffusion = 0.5 * (-dlogsnr) * torch.exp(logsnr) * err

@@ -328,8 +328,10 @@ def _check_record(name: str, full: bool) -> dict[str, tuple[float, float]]:
     headline, mean and std are those of the runs). Full: retrain every recorded seed and re-measure."""
     entry, rec = _entry(name), info(name)
     runs = rec["runs"]
-    if [r["seed"] for r in runs] != list(entry.seeds) or runs[0]["metrics"] != rec["metrics"]:
-        raise AssertionError(f"{name}: the record's runs do not match the entry's seeds {entry.seeds} and headline metrics")
+    if [r["seed"] for r in runs] != list(entry.seeds):
+        raise AssertionError(f"{name}: the record holds seeds {[r['seed'] for r in runs]}, the entry trains {list(entry.seeds)}")
+    if runs[0]["metrics"] != rec["metrics"]:
+        raise AssertionError(f"{name}: the record's headline metrics are not those of its first run")
     if not full:
         mean, std = _summary(runs)
         report = {f"mean {k}": (rec["mean"][k], mean[k]) for k in mean} | {f"std {k}": (rec["std"][k], std[k]) for k in std}
@@ -350,14 +352,20 @@ def train(name: str, seed: int | None = None, save: bool = True, measure: bool =
           **overrides) -> tuple[nn.Module, dict]:  # fmt: skip
     """Run the entry's recipe once per seed (or for `seed` alone), measure each run, and (by default)
     write the first run's weights with the metadata of all runs; for an entry that ships its record
-    only, write the record (and the weights file too with `keep_weights`).
+    only, write the record. `keep_weights` (for such an entry): train the first seed (or `seed`) and write
+    its weights file only, so that `load` works on this machine; the shipped record stays as it is.
 
     Returns:
         the first run's model and the metadata: its metrics and training time, and under "runs" every
         seed's metrics, with "mean" and "std" over the seeds.
     """
     entry = _entry(name)
-    seeds = entry.seeds if seed is None else (seed,)
+    if keep_weights and entry.weights:
+        raise ValueError(f"{name} ships its weights: `train` writes them; keep_weights is for record-only entries")
+    if save and not entry.weights and not keep_weights and seed is not None:
+        raise ValueError(f"the record of {name} holds every seed of the entry {entry.seeds}: train it without a seed "
+                         "to rewrite the record, or with save=False")  # fmt: skip
+    seeds = (entry.seeds[:1] if keep_weights else entry.seeds) if seed is None else (seed,)
     kwargs = {**entry.config, **entry.recipe_kwargs, **overrides}
     if save and not measure:
         raise ValueError("weights are saved only with their measured metrics (measure=True)")
@@ -383,9 +391,9 @@ def train(name: str, seed: int | None = None, save: bool = True, measure: bool =
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
-    if save and entry.weights or keep_weights:
+    if keep_weights or save and entry.weights:
         save_safetensors(weights_path(name), models[0].state_dict(), metadata)
-    if save and not entry.weights:
+    elif save:
         shipped.save_record(name, metadata)
     return models[0], metadata
 
@@ -420,6 +428,8 @@ def main(argv: list[str] | None = None) -> None:
         where = weights_path(args.name) if keeps_weights else shipped.WEIGHTS_DIR / shipped.RECORDS
         print(f"wrote {where}: {meta['train_seconds']} s, metrics {meta['metrics']}")
     else:
+        if args.shipped and args.names != ["all"]:
+            parser.error("--shipped goes with `all`")
         names = [n for n, e in REGISTRY.items() if e.weights or not args.shipped] if args.names == ["all"] else args.names
         failed = []
         for name in names:

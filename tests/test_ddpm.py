@@ -78,12 +78,12 @@ def test_posterior_by_gaussian_conditioning():
     alpha_bar = schedules.alpha_bar_from_betas(schedules.linear_betas(1000).double())
     for t in (1, 10, 500, 999):
         a_t, a_p = alpha_bar[t], alpha_bar[t - 1]
-        alpha_t = a_t / a_p
+        one_minus_beta = a_t / a_p
         x0, x_t = torch.tensor([[0.3]], dtype=torch.float64), torch.tensor([[-0.7]], dtype=torch.float64)
-        # joint: x_{t-1} = sqrt(a_p) x0 + ..., var 1 - a_p; cov(x_{t-1}, x_t) = sqrt(alpha_t) (1 - a_p)
-        gain = alpha_t.sqrt() * (1 - a_p) / (1 - a_t)
+        # joint: x_{t-1} = sqrt(a_p) x0 + ..., var 1 - a_p; cov(x_{t-1}, x_t) = sqrt(one_minus_beta) (1 - a_p)
+        gain = one_minus_beta.sqrt() * (1 - a_p) / (1 - a_t)
         mean = a_p.sqrt() * x0 + gain * (x_t - a_t.sqrt() * x0)
-        var = (1 - a_p) - gain * alpha_t.sqrt() * (1 - a_p)
+        var = (1 - a_p) - gain * one_minus_beta.sqrt() * (1 - a_p)
         got_mean, got_var = ddpm.posterior_mean_var(x0, x_t, a_t, a_p)
         torch.testing.assert_close(got_mean, mean, atol=1e-12, rtol=0)
         torch.testing.assert_close(got_var.reshape(()), var, atol=1e-12, rtol=1e-10)
@@ -162,7 +162,7 @@ def test_check_P6_posterior_coefficients_in_both_notations():
         one, zero = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
         c_x0 = ddpm.posterior_mean_var(one, zero, ab[t], ab[t - 1])[0].item()
         c_xt = ddpm.posterior_mean_var(zero, one, ab[t], ab[t - 1])[0].item()
-        # DDPM eq. 7 with the schedule's own beta_t and alpha_t = 1 - beta_t
+        # DDPM eq. 7 with the schedule's own beta_t and 1 - beta_t
         assert c_x0 == pytest.approx((ab[t - 1].sqrt() * betas[t] / (1 - ab[t])).item(), rel=1e-10)
         assert c_xt == pytest.approx(((1 - betas[t]).sqrt() * (1 - ab[t - 1]) / (1 - ab[t])).item(), rel=1e-10)
 

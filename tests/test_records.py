@@ -63,7 +63,8 @@ def test_record_the_shipped_vdm_bound_beats_part_one_and_the_autoregressive_anch
 
 
 def test_record_P10_and_D25_on_the_shipped_models():
-    """The trained comparisons of chapter 05, as recorded with the shipped weights (re-measured by test_zoo)."""
+    """The trained comparisons of chapter 05, as recorded with the shipped weights or records (`zoo check NAME --full`
+    re-measures them; for the record-only comparisons it retrains them)."""
     m = {n: zoo.info(n)["metrics"] for n in ("ddpm", "ddpm_x0", "ddpm_v", "ddpm_vlb", "ddpm_levels")}
     # P10: at one budget, L_simple gives better samples and L_vlb an equal or better bound
     assert m["ddpm"]["fd_ancestral"] < m["ddpm_vlb"]["fd_ancestral"] and m["ddpm"]["fd_ddim50"] < m["ddpm_vlb"]["fd_ddim50"]
@@ -88,7 +89,8 @@ def _histogram_bpd():
 
 
 def test_record_P12_the_shipped_ddpms_beat_the_uniform_and_histogram_baselines():
-    """Bits/dim of the shipped DDPMs against the uniform (log2 17) and per-pixel histogram baselines."""
+    """Recorded bits/dim of the chapter's DDPMs (shipped weights or records) against the uniform (log2 17) and
+    per-pixel histogram baselines."""
     hist_bpd = _histogram_bpd()
     bpd = {n: zoo.info(n)["metrics"]["neg_elbo_bpd"] for n in ("ddpm", "ddpm_vlb", "ddpm_levels", "ddpm_levels_vlb")}
     assert all(v < math.log2(17) for v in bpd.values())  # every eps or level model beats uniform
@@ -149,7 +151,8 @@ def test_record_C18_lite_is_weaker_without_a_prompt(cn_study):
 
 
 def test_record_C19_C21_prompt_settings_on_the_shipped_controlnet():
-    """Recorded (and re-measured by the zoo test) metrics: every prompt setting follows the mask far better than the
+    """Recorded metrics (the registry stage re-measures the "none" and "perfect" rows, `zoo check --full` all):
+    every prompt setting follows the mask far better than the
     base with the perfect prompt; compatible prompt + control gives both class and mask; a conflicting prompt loses
     the prompt's class (the control wins the trade-off)."""
     m = zoo.info("controlnet")["metrics"]

@@ -284,9 +284,9 @@ def test_check_D23_and_D25_eps_forms(gen):
     x0, eps, eps_hat = torch.randn(3, 4, 16, generator=gen, dtype=torch.float64)
     for t in (1, 100, 900):
         a_t, a_p = ab[t], ab[t - 1]
-        alpha_t = a_t / a_p
+        one_minus_beta = a_t / a_p
         x_t = ddpm.q_sample(x0, a_t, eps)
-        mu_eps = x_t / alpha_t.sqrt() - (1 - alpha_t) / ((1 - a_t).sqrt() * alpha_t.sqrt()) * eps
+        mu_eps = x_t / one_minus_beta.sqrt() - (1 - one_minus_beta) / ((1 - a_t).sqrt() * one_minus_beta.sqrt()) * eps
         torch.testing.assert_close(mu_eps, ddpm.posterior_mean_var(x0, x_t, a_t, a_p)[0], atol=1e-12, rtol=0)  # D23
         x0_hat = (x_t - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
         lhs = ((x0_hat - x0) ** 2).sum(1)

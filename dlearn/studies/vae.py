@@ -60,7 +60,6 @@ def train_vae(
     """The zoo recipe for a VAE: AdamW on the negative ELBO, cosine learning-rate decay, an exponential
     moving average of the weights, and the checkpoint with the best validation negative ELBO."""
     x_train, _ = datasets.digits("train")
-    x_val, _ = datasets.digits("val")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ConvVAE(VAEConfig(**config_kwargs))
