@@ -12,21 +12,6 @@ from dlearn import text2image as t2i
 from dlearn.studies import controlnet as controlnet_study
 
 
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    return t2i.TextToImage().eval().requires_grad_(False)
-
-
-@pytest.fixture
-def batch(gen):
-    x = torch.randn(6, 1, 8, 8, generator=gen)
-    t = torch.randint(0, 1000, (6,), generator=gen)
-    ids = t2i.tokenize(["a three", "", "a thick one", "a seven", "a slanted two", ""])
-    c = (torch.rand(6, 1, 8, 8, generator=gen) > 0.5).float()
-    return x, t, ids, c
-
-
 def _perturb(module, gen, std=0.05):
     with torch.no_grad():
         for p in module.parameters():

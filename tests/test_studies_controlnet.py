@@ -12,21 +12,6 @@ from dlearn import text2image as t2i
 from dlearn.studies import controlnet as controlnet_study
 
 
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    return t2i.TextToImage().eval().requires_grad_(False)
-
-
-@pytest.fixture
-def batch(gen):
-    x = torch.randn(6, 1, 8, 8, generator=gen)
-    t = torch.randint(0, 1000, (6,), generator=gen)
-    ids = t2i.tokenize(["a three", "", "a thick one", "a seven", "a slanted two", ""])
-    c = (torch.rand(6, 1, 8, 8, generator=gen) > 0.5).float()
-    return x, t, ids, c
-
-
 def test_check_C1_base_mask_iou_is_that_of_a_random_same_class_digit():
     """C1 (the shipped weights): the class-prompted base's IoU with the masks is close to that of a random training
     digit of the same class; the shipped ControlNet is far above both."""

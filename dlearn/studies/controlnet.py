@@ -20,6 +20,7 @@ from dlearn import datasets, metrics, results, shipped
 from dlearn.controlnet import CONTROLS, ControlNet, control_mask, controlnet_loss, generate
 from dlearn.distributions import levels_to_unit, unit_to_levels
 from dlearn.metrics import iou
+from dlearn.studies import text2image as text2image_study
 from dlearn.text2image import (
     DIGIT_WORDS,
     TextToImage,
@@ -32,12 +33,6 @@ from dlearn.text2image import (
 )
 from dlearn.text2image import generate as t2i_generate
 from dlearn.train import TrainConfig, fit
-
-
-def _shipped_base() -> TextToImage:
-    """The shipped, locked chapter-07 base ("text2image")."""
-    return shipped.load(TextToImage(), "text2image")
-
 
 # --------------------------------------------------------------------------------------------
 # How well a generated digit follows its mask, and the condition encoder's shape arithmetic (C8)
@@ -148,7 +143,7 @@ def train_controlnet(seed: int = 0, max_steps: int = 1500, variant: str = "full"
         the ControlNet (eval mode) and the `TrainResult`; every history record also holds the IoU with the perfect
         prompt ("iou_prompt") and the class accuracy of the no-prompt and perfect-prompt samples.
     """
-    base = _shipped_base() if base is None else base.requires_grad_(False).eval()
+    base = text2image_study.shipped_base() if base is None else base.requires_grad_(False).eval()
     cn = ControlNet.from_unet(base.unet, variant=variant, init=init, seed=seed, control=control)
     data = training_data(control, n_train, seed)
     masks, labels, captions = evaluation_set(100, control)
@@ -203,7 +198,7 @@ def transition(steps: list[int], values: list[float], tail: int = 5) -> dict[str
 def protocol_metrics(cn: ControlNet) -> dict[str, float]:
     """What the zoo records for a shipped ControlNet: `evaluate` on its control at w = 1 (DDIM-20), and the base's
     IoU on the same masks with the perfect prompt (no control)."""
-    base = _shipped_base()
+    base = text2image_study.shipped_base()
     out = evaluate(base, cn, control=cn.control)
     out["base_iou_perfect"] = evaluate(base, None, control=cn.control, settings=("perfect",))["iou_perfect"]
     return out
@@ -211,7 +206,7 @@ def protocol_metrics(cn: ControlNet) -> dict[str, float]:
 
 def quick_metrics(cn: ControlNet) -> dict[str, float]:
     """The "none" and "perfect" rows of `protocol_metrics` (the test suite re-measures these)."""
-    return evaluate(_shipped_base(), cn, control=cn.control, settings=("none", "perfect"))
+    return evaluate(text2image_study.shipped_base(), cn, control=cn.control, settings=("none", "perfect"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +258,7 @@ def finetune_with_mask_channel(seed: int = 0, n_pairs: int = 200, max_steps: int
     Returns:
         the fine-tuned `MaskChannelModel` and the history (list of dicts).
     """
-    base = _shipped_base() if base is None else base
+    base = text2image_study.shipped_base() if base is None else base
     train = training_data("mask", n_pairs, seed)
     xv, yv = datasets.digits("val")
     held = (levels_to_unit(xv[:n_pairs]), yv[:n_pairs], attribute_bits(xv[:n_pairs], yv[:n_pairs]),
@@ -382,7 +377,7 @@ def run_study_job(name: str, base: TextToImage | None = None, steps: int = STUDY
     """One run of the study: its learning curve and its final `evaluate` table (or, for the fine-tune, its curve)."""
     if name not in STUDY_JOBS:
         raise ValueError(f"no study job {name!r}; known: {sorted(STUDY_JOBS)}")
-    base = _shipped_base() if base is None else base
+    base = text2image_study.shipped_base() if base is None else base
     start = time.perf_counter()
     if name == "finetune_mask_channel":
         _, history = finetune_with_mask_channel(max_steps=steps * 2, eval_every=steps // 3, base=base)

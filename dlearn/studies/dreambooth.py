@@ -26,6 +26,7 @@ from dlearn.dreambooth import (
     prompt_fidelity,
     subject_prompt,
 )
+from dlearn.studies import text2image as text2image_study
 from dlearn.text2image import DIGIT_WORDS, TextToImage, generate
 from dlearn.train import TrainResult
 
@@ -82,7 +83,7 @@ def train_dreambooth(seed: int = 0, max_steps: int = 300, prior_weight: float = 
         the model and a `TrainResult` whose history is `finetune`'s (no checkpoint selection: the last weights).
     """
     start = time.perf_counter()
-    base = shipped.load(TextToImage(), "text2image") if base is None else base
+    base = text2image_study.shipped_base() if base is None else base
     subject = make_subject(label, n_images, cluster)
     model, history = finetune(base, subject, identifier, class_word, prior_weight, mode, max_steps,
                               DEFAULT_LR[mode] if lr is None else lr, eval_every=eval_every, seed=seed,
@@ -116,7 +117,7 @@ def run_study_job(name: str, base: TextToImage | None = None, steps: int = 300) 
     """One run of the study: its config, learning curve, final metrics and seconds."""
     if name not in STUDY_JOBS:
         raise ValueError(f"no study job {name!r}; known: {sorted(STUDY_JOBS)}")
-    base = shipped.load(TextToImage(), "text2image") if base is None else base
+    base = text2image_study.shipped_base() if base is None else base
     start = time.perf_counter()
     cfg = {"seed": 0, **STUDY_JOBS[name]}
     model, result = train_dreambooth(max_steps=steps, base=base, progress=False, **cfg)

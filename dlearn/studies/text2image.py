@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dlearn import datasets, metrics
+from dlearn import datasets, metrics, shipped
 from dlearn.distributions import levels_to_unit, unit_to_levels
 from dlearn.text2image import (
     TextToImage,
@@ -23,6 +23,11 @@ from dlearn.text2image import (
     training_prompts,
 )
 from dlearn.train import TrainConfig, fit
+
+
+def shipped_base() -> TextToImage:
+    """The shipped text-to-image model ("text2image") that chapters 08-10 build on, in eval mode, gradients off."""
+    return shipped.load(TextToImage(), "text2image")
 
 
 def train_text2image(seed: int = 0, max_steps: int = 5000, p_uncond: float = 0.1, lr: float = 1e-3, batch_size: int = 64,
