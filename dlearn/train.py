@@ -238,7 +238,16 @@ def _selected_metric(value, select: str | None) -> tuple[float, dict[str, float]
         raise ValueError(f"val_fn's metrics {sorted(value)} lack the selecting metric {select!r}")
     if "val" in value or "step" in value or "train_loss" in value:
         raise ValueError(f"val_fn's metrics {sorted(value)} may not be named 'val', 'step' or 'train_loss' (the history's own)")
-    return float(value[select]), {k: v for k, v in value.items() if k != select}
+    others = {}
+    for k, v in value.items():
+        if k == select:
+            continue
+        if isinstance(v, torch.Tensor):  # logged in the history and the checkpoint's JSON: numbers, not tensors
+            if v.numel() != 1:
+                raise TypeError(f"val_fn's metric {k!r} is a tensor of shape {tuple(v.shape)}: log numbers (e.g. .mean().item())")
+            v = v.item()
+        others[k] = v
+    return float(value[select]), others
 
 
 def fit(

@@ -121,6 +121,10 @@ def test_metric_selection_errors_name_what_is_wrong(gen):
         run(selecting, lambda m: {"b": 1.0})
     with pytest.raises(ValueError, match="may not be named"):
         run(selecting, lambda m: {"a": 1.0, "val": 2.0})
+    with pytest.raises(TypeError, match=r"'b' is a tensor of shape \(3,\)"):
+        run(selecting, lambda m: {"a": 1.0, "b": torch.zeros(3)})
+    result = run(selecting, lambda m: {"a": 1.0, "b": torch.tensor(2.5)})  # a one-element tensor is logged as a number
+    assert result.history[-1]["b"] == 2.5 and isinstance(result.history[-1]["b"], float)
 
 
 def test_resume_refuses_a_different_config(tmp_path, gen):
