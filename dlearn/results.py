@@ -9,6 +9,10 @@ Each chapter records its numbers with `record`; an entry is
 Recording the same (chapter, name) again replaces the entry. The folder is `figures/` at the top
 of the repository, or the folder named by the environment variable DLEARN_OUTPUT_DIR (the test
 run points it at build/ so that tests leave the committed figures alone).
+
+Several processes may record into one folder at once (notebooks run in parallel): each `record` reads,
+changes and rewrites results.json under a lock (`dlearn/fileio.py`, on `results.json.lock`), and every
+file is replaced atomically, so a crash leaves the previous file whole and no entry is lost.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import math
 import numbers
 import os
 from pathlib import Path
+
+from dlearn import fileio
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -42,17 +48,35 @@ def output_dir() -> Path:
     return path
 
 
+def _restore_advice(path: Path) -> str:
+    return (
+        f"restore it with `git checkout -- {path}` (the committed results), or rerun the notebook(s) that "
+        f"record into it (`python -m dlearn.book NN`)"
+    )
+
+
 def load(directory: Path | None = None) -> list[dict]:
     """All recorded entries (an empty list if nothing was recorded yet)."""
-    path = (directory or output_dir()) / RESULTS_JSON
+    path = Path(directory or output_dir()) / RESULTS_JSON
     if not path.exists():
         return []
     try:
-        entries = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); delete it and rerun the book") from exc
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged: it is not valid JSON ({exc}); {_restore_advice(path)}") from exc
     if not isinstance(entries, list):
-        raise ValueError(f"{path} must hold a list of entries, got {type(entries).__name__}")
+        raise ValueError(
+            f"{path} is damaged: it must hold a list of entries, got {type(entries).__name__}; {_restore_advice(path)}"
+        )
+    return entries
+
+
+def write_markdown(directory: Path | None = None) -> list[dict]:
+    """Rewrite results.md from results.json (under the same lock as `record`); returns the entries."""
+    directory = Path(directory or output_dir())
+    with fileio.locked(directory / RESULTS_JSON):
+        entries = load(directory)
+        fileio.write_text(directory / RESULTS_MD, to_markdown(entries))
     return entries
 
 
@@ -99,12 +123,13 @@ def record(
         "unit": unit, "protocol": protocol, "anchor": anchor, "figure": figure,
     }  # fmt: skip
     _check_entry(entry)
-    directory = directory or output_dir()
-    entries = [e for e in load(directory) if (e["chapter"], e["name"]) != (chapter, name)]
-    entries.append(entry)
-    entries.sort(key=lambda e: e["chapter"])  # stable: keeps each chapter's order of recording
-    (directory / RESULTS_JSON).write_text(json.dumps(entries, indent=2) + "\n")
-    (directory / RESULTS_MD).write_text(to_markdown(entries))
+    directory = Path(directory or output_dir())
+    with fileio.locked(directory / RESULTS_JSON):  # one read-modify-write at a time, across processes
+        entries = [e for e in load(directory) if (e["chapter"], e["name"]) != (chapter, name)]
+        entries.append(entry)
+        entries.sort(key=lambda e: e["chapter"])  # stable: keeps each chapter's order of recording
+        fileio.write_text(directory / RESULTS_JSON, json.dumps(entries, indent=2) + "\n")
+        fileio.write_text(directory / RESULTS_MD, to_markdown(entries))
     return entry
 
 
@@ -135,12 +160,28 @@ def load_study(path: Path, command: str) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: recreate it with `{command}`")
-    return json.loads(path.read_text())
+    return _read_study(path, command)
+
+
+def _read_study(path: Path, command: str) -> dict:
+    """The {job: result} object in `path` ({} if there is no file), or a ValueError naming the file and the fix."""
+    if not path.exists():
+        return {}
+    advice = f"restore it with `git checkout -- {path}` or recreate it with `{command}`"
+    try:
+        done = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged: it is not valid JSON ({exc}); {advice}") from exc
+    if not isinstance(done, dict):
+        raise ValueError(f"{path} is damaged: it should hold a JSON object {{job: result}}, got {type(done).__name__}; {advice}")
+    return done
 
 
 def study_cli(argv: list[str] | None, prog: str, description: str, jobs, run_job, default_path: Path) -> None:
     """`prog study [JOB ...] [--out FILE]`: run the named jobs (default: all of `jobs`) with `run_job(name)` and
-    merge each result into the JSON file as soon as it is done (so an interrupted study keeps what it finished)."""
+    merge each result into the JSON file as soon as it is done (so an interrupted study keeps what it finished).
+    The merge holds the file's lock and replaces it atomically (`dlearn/fileio.py`), so two studies writing
+    one file keep each other's results and a crash leaves the previous file whole."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -150,9 +191,15 @@ def study_cli(argv: list[str] | None, prog: str, description: str, jobs, run_job
     p.add_argument("--out", default=None, help=f"the JSON file (default: {default_path.name} in the package)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(default_path)
+    unknown = [job for job in args.jobs if job not in jobs]
+    if unknown:
+        parser.error(f"unknown job(s) {unknown}; the jobs are: {', '.join(jobs)}")
+    command = f"{prog} study"
+    _read_study(out, command)  # a damaged file is reported before any job runs, not after
     for job in args.jobs or list(jobs):
         result = run_job(job)
-        done = json.loads(out.read_text()) if out.exists() else {}
-        done[job] = result
-        out.write_text(json.dumps(done, indent=1) + "\n")
+        with fileio.locked(out):
+            done = _read_study(out, command)
+            done[job] = result
+            fileio.write_text(out, json.dumps(done, indent=1) + "\n")
         print(f"{job}: {result['seconds']} s", flush=True)

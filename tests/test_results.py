@@ -53,3 +53,129 @@ def test_load_rejects_a_broken_file(tmp_path):
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         results.load(tmp_path)
+
+
+def test_load_names_the_damaged_file_and_how_to_restore_it_without_deleting(tmp_path):
+    (tmp_path / "results.json").write_text('[{"chapter": ')  # cut short, as a crash mid-write used to leave it
+    with pytest.raises(ValueError) as info:
+        results.load(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "results.json") in message and "damaged" in message
+    assert "git checkout -- " in message and "rerun" in message
+    assert "delete" not in message.lower() and "remove" not in message.lower()
+    (tmp_path / "results.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="list of entries, got dict") as info:
+        results.load(tmp_path)
+    assert "delete" not in str(info.value).lower()
+
+
+# A process that records `n` entries of its own into one folder, started only once every process is ready
+_RECORDER = """
+import sys, time
+from pathlib import Path
+from dlearn import results
+folder, tag, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+(folder / f"ready-{tag}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.001)
+errors = 0
+for i in range(n):
+    try:
+        results.record(f"ch_{tag}", f"n{i:03d}", float(i), "u", "p", directory=folder)
+    except Exception as exc:
+        errors += 1
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+sys.exit(1 if errors else 0)
+"""
+
+
+def test_concurrent_processes_recording_into_one_folder_lose_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    tags, n = ["a", "b", "c"], 150
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RECORDER, str(tmp_path), tag, str(n)], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for tag in tags
+    ]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{tag}").exists() for tag in tags):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a recorder did not start"
+        time.sleep(0.01)
+    (tmp_path / "go").touch()  # all at once, so that their read-modify-write cycles overlap
+    failures = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    errors = [err for code, err in failures if code != 0]
+    assert not errors, f"{sum(e.count(chr(10)) for e in errors)} record calls failed, e.g. {errors[0][:500]}"
+    entries = json.loads((tmp_path / "results.json").read_text())
+    assert len(entries) == len(tags) * n
+    assert {(e["chapter"], e["name"]) for e in entries} == {(f"ch_{t}", f"n{i:03d}") for t in tags for i in range(n)}
+    md = (tmp_path / "results.md").read_text()
+    assert md == results.to_markdown(entries)
+    assert not list(tmp_path.glob(".*.tmp")), "temporary files were left behind"
+
+
+def test_record_replaces_its_files_atomically(tmp_path, monkeypatch):
+    import os
+
+    results.record("00_preface", "acc", 0.97, "fraction", "test split", directory=tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("results.json", "results.md")}
+
+    def crash(*args, **kwargs):
+        raise OSError("simulated crash while replacing the file")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        results.record("00_preface", "acc", 0.5, "fraction", "test split", directory=tmp_path)
+    monkeypatch.undo()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before  # the previous files, whole
+    assert not list(tmp_path.glob(".*.tmp")), "the half-written temporary file was left behind"
+    assert results.load(tmp_path)[0]["value"] == 0.97
+
+
+def _study_job(name):
+    return {"seconds": 1.0, "name": name}
+
+
+def test_study_cli_merges_each_job_and_replaces_the_file_atomically(tmp_path, monkeypatch, capsys):
+    import os
+
+    out = tmp_path / "study.json"
+    out.write_text(json.dumps({"old": {"seconds": 2.0}}))
+    results.study_cli(["study", "a", "--out", str(out)], "prog", "a study", ["a", "b"], _study_job, out)
+    assert json.loads(out.read_text()) == {"old": {"seconds": 2.0}, "a": {"seconds": 1.0, "name": "a"}}
+    assert "a: 1.0 s" in capsys.readouterr().out
+    before = out.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("simulated crash while replacing the file")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        results.study_cli(["study", "b", "--out", str(out)], "prog", "a study", ["a", "b"], _study_job, out)
+    monkeypatch.undo()
+    assert out.read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_study_cli_refuses_a_damaged_file_or_an_unknown_job_before_running_anything(tmp_path):
+    out = tmp_path / "study.json"
+    out.write_text("{ half a file")
+    ran = []
+
+    def job(name):
+        ran.append(name)
+        return {"seconds": 1.0}
+
+    with pytest.raises(ValueError, match=r"study\.json is damaged.*git checkout -- .*prog study"):
+        results.study_cli(["study", "a", "--out", str(out)], "prog", "a study", ["a"], job, out)
+    with pytest.raises(ValueError, match="is damaged"):
+        results.load_study(out, "prog study")
+    out.write_text("{}")
+    with pytest.raises(SystemExit):
+        results.study_cli(["study", "nope", "--out", str(out)], "prog", "a study", ["a"], job, out)
+    assert ran == []
