@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dlearn import ddim, guidance
+from dlearn.checks import finite_number, string_list, values_in
 from dlearn.metrics import digit_mask
 from dlearn.text2image import TextToImage, noised, tiny_unet, tokenize, training_prompts
 
@@ -373,19 +374,23 @@ def generate(base: TextToImage, controlnets: ControlNet | list[ControlNet] | Non
     eps = eps_u + w (eps_c - eps_u).
 
     Args:
-        controlnets, controls: one ControlNet and its masks (B, 1, 8, 8), or lists of both (residuals add);
-            `None` samples the base alone.
+        controlnets, controls: one ControlNet and its masks (B, 1, 8, 8) in [0, 1], or lists of both (residuals
+            add); `None` samples the base alone. Grey levels are a ValueError: `control_mask` turns them into masks.
+        prompts: a non-empty list of strings, one per image.
         placement: see `guided_eps`.
         scale: the conditioning scale, or one weight per block (skips, then the middle block; C15).
         clamp: clamp to [-1, 1] at the end (False: the raw DDIM output, to measure saturation).
     """
     cns = [] if controlnets is None else list(controlnets) if isinstance(controlnets, (list, tuple)) else [controlnets]
     cs = [] if controls is None else list(controls) if isinstance(controls, (list, tuple)) else [controls]
+    string_list("prompts", prompts)
+    finite_number("guidance_scale", guidance_scale)
     if len(cs) != len(cns):
         raise ValueError(f"one control per ControlNet: got {len(cs)} controls for {len(cns)} ControlNets")
     for c in cs:
         if c.shape[0] != len(prompts):
             raise ValueError(f"one prompt per control: got {len(prompts)} prompts for {c.shape[0]} controls")
+        values_in("the control", c, 0.0, 1.0, tol=0.0, hint="a mask; control_mask(levels) makes one from grey levels")
     dev = base.alpha_bar.device
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn((len(prompts), 1, 8, 8), generator=g).to(dev)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from dlearn.checks import integer_in, number_in
 from dlearn.ddpm import predict_x0_eps
 from dlearn.schedules import inference_timesteps
 from dlearn.train import show_progress
@@ -44,11 +45,14 @@ def ddim_step(
       3. sigma from eta (Eq. 16); x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat;
       4. plus sigma * noise when eta > 0.
 
+    `eta` must be in [0, 1] (0: DDIM, 1: DDPM's variance); `timestep` in 0..T-1 and `prev_timestep` below it.
+
     Returns:
         (x_prev, x0_hat).
     """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    number_in("eta", eta, 0.0, 1.0)
+    integer_in("timestep", timestep, 0, len(alpha_bar) - 1)
+    integer_in("prev_timestep", prev_timestep, -len(alpha_bar), timestep - 1)
     a_t = alpha_bar[timestep]
     a_p = alpha_bar[prev_timestep] if prev_timestep >= 0 else torch.tensor(final_alpha_bar, dtype=alpha_bar.dtype)
     x0_hat, eps_hat = predict_x0_eps(x_t, out, a_t, prediction_type)

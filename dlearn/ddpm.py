@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from dlearn.checks import integer_in
 from dlearn.distributions import append_dims
 from dlearn.train import show_progress
 
@@ -126,7 +127,9 @@ def ddpm_step(
     """
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    integer_in("timestep", timestep, 0, len(alpha_bar) - 1)  # -1 would wrap around to the last alpha_bar
     prev = timestep - 1 if prev_timestep is None else prev_timestep
+    integer_in("prev_timestep", prev, -1, timestep - 1)
     a_t = alpha_bar[timestep]
     a_p = alpha_bar[prev] if prev >= 0 else torch.tensor(1.0, dtype=alpha_bar.dtype)
     x0_hat, _ = predict_x0_eps(x_t, out, a_t, prediction_type)
@@ -171,6 +174,8 @@ def sample(
 
     if timesteps is None:
         timesteps = torch.arange(len(alpha_bar) - 1, -1, -1)
+    if len(timesteps) == 0:
+        raise ValueError("timesteps should hold at least one step, got none (the sampler would return x_T unchanged)")
     x = x_T
     path = [x] if return_trajectory else None
     for i, t in enumerate(tqdm(timesteps.tolist(), disable=not show_progress(progress), leave=False)):

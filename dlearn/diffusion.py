@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dlearn import datasets, ddim
+from dlearn.checks import integer_in
 from dlearn.datasets import AUGMENT_LABELS
 from dlearn.ddpm import PREDICTION_TYPES, predict_x0_eps, q_sample, sample, velocity
 from dlearn.distributions import append_dims, levels_to_unit, log_discretized_gaussian, unit_to_levels
@@ -207,6 +208,7 @@ def generate(model: DigitsDDPM, n: int, sampler: str = "ddim", steps: int = 50, 
     A class-conditional model samples p(x | labels); without `labels` it samples the marginal p(x) with
     labels in the train split's proportions, shuffled by `seed` (`datasets.stratified_labels`).
     """
+    integer_in("steps", steps, 1, model.num_steps)  # 0 steps would return the starting noise
     g = torch.Generator().manual_seed(seed)
     dev = model.alpha_bar.device
     x_T = torch.randn((n, 1, 8, 8), generator=g).to(dev)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from dlearn import ddim
+from dlearn.checks import finite_number
 from dlearn.distributions import append_dims
 from dlearn.nets import MLP, sinusoidal_embedding
 from dlearn.toys import GaussianMixture
@@ -44,8 +45,10 @@ def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, w: float) -> torch.Ten
         eps_uc + w (eps_c - eps_uc)
 
     as diffusers' pipelines, ControlNet and the null-text reference code write it, so their numbers are ours
-    to the bit. w = 1 returns eps_c and w = 0 returns eps_uc exactly (the sum above rounds at both).
+    to the bit. w = 1 returns eps_c and w = 0 returns eps_uc exactly (the sum above rounds at both). w must be a
+    finite number (a NaN scale is a ValueError, not NaN images).
     """
+    finite_number("the guidance scale w", w)
     if eps_uncond.shape != eps_cond.shape:
         raise ValueError(f"the two predictions must have one shape, got {tuple(eps_uncond.shape)} and {tuple(eps_cond.shape)}")
     if w == 1:

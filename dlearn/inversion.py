@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dlearn import ddim, guidance
+from dlearn.checks import finite_number, finite_tensor, number_in, string_list, values_in
 from dlearn.schedules import inference_timesteps
 from dlearn.text2image import tokenize
 
@@ -159,6 +160,8 @@ def _final(world) -> float:
 def ddim_invert(world, x0: torch.Tensor, steps: int = 50, guidance_scale: float = 1.0, cond=None, null=None) -> Inversion:
     """DDIM inversion: from the image up to z_T, one step per timestep, reusing eps(z at the lower level, t) for the
     step to level t (as diffusers' DDIMInverseScheduler and the null-text reference code do)."""
+    finite_tensor("x0", x0)
+    finite_number("guidance_scale", guidance_scale)
     n = x0.shape[0]
     cond = world.cond_init(n) if cond is None else cond
     null = world.null_init(n) if null is None else null
@@ -169,6 +172,14 @@ def ddim_invert(world, x0: torch.Tensor, steps: int = 50, guidance_scale: float 
         z, _ = ddim.ddim_inverse_step(world.alpha_bar, t, world.num_train, steps, z, eps, initial_alpha_bar=_final(world))
         pivots.append(z)
     return Inversion(pivots, ts, guidance_scale)
+
+
+def _check_fits(world, inv: Inversion) -> None:
+    """A clear error for an inversion made on a longer schedule than the world's (its steps would index past it)."""
+    top = max(inv.timesteps)
+    if inv.steps > world.num_train or top >= world.num_train:
+        raise ValueError(f"the inversion ({inv.steps} steps, timesteps up to {top}) does not fit this world's "
+                         f"{world.num_train} training steps: invert again in this world")  # fmt: skip
 
 
 def denoise_step(world, z: torch.Tensor, t: int, prev: int, eps: torch.Tensor) -> torch.Tensor:
@@ -185,6 +196,7 @@ def reconstruct(world, inv: Inversion, guidance_scale: float, cond=None, nulls=N
     conditions). `timesteps`, if given, must match the inversion's (`check_timesteps`)."""
     if timesteps is not None:
         check_timesteps(inv.timesteps, timesteps)
+    _check_fits(world, inv)
     z = inv.pivots[-1] if z_T is None else z_T
     n = z.shape[0]
     cond = world.cond_init(n) if cond is None else cond
@@ -194,6 +206,11 @@ def reconstruct(world, inv: Inversion, guidance_scale: float, cond=None, nulls=N
     per_step = isinstance(nulls, (list, tuple))
     if per_step and len(nulls) != inv.steps:
         raise ValueError(f"expected one null embedding per step ({inv.steps}), got {len(nulls)}")
+    want = tuple(world.null_init(n).shape)  # one embedding per image: a batch that broadcasts is a mistake
+    for what, e in [("the condition", cond)] + ([(f"the null embedding of step {i}", e) for i, e in enumerate(nulls)]
+                                                  if per_step else [("the null embedding", nulls)]):  # fmt: skip
+        if tuple(e.shape) != want:
+            raise ValueError(f"{what} should have shape {want} (one per image, {n} images), got {tuple(e.shape)}")
     r = world.num_train // inv.steps
     path = [z]
     for i, t in enumerate(inv.timesteps):
@@ -249,6 +266,9 @@ def null_text_optimisation(world, inv: Inversion, guidance_scale: float = 7.5, i
     """
     if start not in ("pivot", "random"):
         raise ValueError(f"start must be 'pivot' or 'random', got {start!r}")
+    finite_number("guidance_scale", guidance_scale)
+    number_in("penalty", penalty, 0.0)
+    _check_fits(world, inv)
     t0 = time.perf_counter()
     z = inv.pivots[-1]
     if start == "random":
@@ -266,22 +286,27 @@ def null_text_optimisation(world, inv: Inversion, guidance_scale: float = 7.5, i
         with torch.no_grad():
             e_c = world.eps(z, t, cond)
         loss_value = float("nan")
-        for _ in range(inner_steps):
+        for k in range(inner_steps):
             null = _restricted(null0, u, bound)
             e_u = world.eps(z, t, null)
             z_prev = denoise_step(world, z, t, t - r, guidance.cfg(e_u, e_c, guidance_scale))
             loss = ((z_prev - target) ** 2).mean()
             if penalty > 0:
                 loss = loss + penalty * ((null - null0) ** 2).mean()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise ValueError(f"null-text optimisation at step {i} (t = {t}), inner iteration {k}: the loss is "
+                                 f"{loss_value}; check the inversion's pivots (finite?) and guidance_scale")  # fmt: skip
             opt.zero_grad()
             loss.backward()
             opt.step()
             calls += 1
-            loss_value = loss.item()
             if loss_value < early_stop_threshold(i, epsilon):
                 break
         losses.append(loss_value)
         null = _restricted(null0, u, bound).detach()
+        if not bool(torch.isfinite(null).all()):
+            raise ValueError(f"null-text optimisation at step {i} (t = {t}): the optimised null embedding is not finite")
         nulls.append(null.clone())
         with torch.no_grad():
             z = denoise_step(world, z, t, t - r, guided_eps(world, z, t, cond, null, guidance_scale))
@@ -360,6 +385,8 @@ def invert_images(model, images: torch.Tensor, prompts: list[str], steps: int = 
     pivots, then `null_text_optimisation` at `guidance_scale` (reference defaults; `options` passed on)."""
     if images.ndim != 4 or images.shape[1:] != (1, 8, 8):
         raise ValueError(f"expected images (B, 1, 8, 8) in [-1, 1], got {tuple(images.shape)}")
+    values_in("images", images, -1.0, 1.0, hint="grey levels 0..16 go through distributions.levels_to_unit")
+    string_list("prompts", prompts)
     if len(prompts) != len(images):
         raise ValueError(f"one prompt per image: got {len(prompts)} prompts for {len(images)} images")
     world = TextWorld(model, prompts)
@@ -368,6 +395,7 @@ def invert_images(model, images: torch.Tensor, prompts: list[str], steps: int = 
 
 def edit(world: TextWorld, inv: Inversion, prompts: list[str]) -> torch.Tensor:
     """Regenerate an inverted batch with other prompts (same z_T, same optimised null embeddings), clamped to [-1, 1]."""
+    string_list("prompts", prompts)
     if len(prompts) != inv.pivots[0].shape[0]:
         raise ValueError(f"one prompt per inverted image: got {len(prompts)} for {inv.pivots[0].shape[0]}")
     edited = world.with_prompts(prompts)

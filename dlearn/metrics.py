@@ -14,13 +14,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlearn import shipped
+from dlearn.checks import finite_tensor, values_in
 from dlearn.distributions import check_levels
 
 FEATURE_DIM = 64
 
 
 class DigitClassifier(nn.Module):
-    """A small CNN for 8x8 digits in [-1, 1]: two conv stages, a 64-d feature layer, 10 logits."""
+    """A small CNN for 8x8 digits in [-1, 1]: two conv stages, a 64-d feature layer, 10 logits.
+
+    It takes float images of any float dtype (cast to its weights' dtype, float32 for the shipped one) with
+    values in [-1, 1] (`datasets.digits(form="unit")`, `distributions.levels_to_unit` of grey levels); NaN
+    pixels or values outside [-1, 1] (e.g. grey levels 0..16 as floats) are a ValueError.
+    """
 
     def __init__(self, width: int = 32, feature_dim: int = FEATURE_DIM, dropout: float = 0.3):
         super().__init__()
@@ -38,11 +44,12 @@ class DigitClassifier(nn.Module):
     def _check(x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1:] != (1, 8, 8) or not x.is_floating_point():
             raise ValueError(f"expected float images of shape (B, 1, 8, 8) in [-1, 1], got {x.dtype} {tuple(x.shape)}")
+        values_in("the classifier's images", x, -1.0, 1.0, hint="grey levels 0..16 go through distributions.levels_to_unit")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features, shape (B, 64): the space of the Frechet distance."""
         self._check(x)
-        return self.body(x)
+        return self.body(x.to(self.body[0].weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits, shape (B, 10)."""
@@ -98,6 +105,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
             raise ValueError(f"{name} must have shape (N, D) with N >= 2, got {tuple(f.shape)}")
     if feats_a.shape[1] != feats_b.shape[1]:
         raise ValueError(f"feature sizes differ: {feats_a.shape[1]} vs {feats_b.shape[1]}")
+    finite_tensor("feats_a", feats_a)
+    finite_tensor("feats_b", feats_b)
     a, b = feats_a.double(), feats_b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
@@ -121,6 +130,8 @@ def frechet_distance_gaussians(mu_a, cov_a, mu_b, cov_b) -> float:
             raise ValueError(
                 f"mu_{name} must have shape (D,) and cov_{name} (D, D) with D = {dim}, got {tuple(m.shape)} and {tuple(c.shape)}"
             )
+        finite_tensor(f"mu_{name}", m)
+        finite_tensor(f"cov_{name}", c)
     root_a = _sqrtm_psd(cov_a)
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
     value = ((mu_a - mu_b) ** 2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross

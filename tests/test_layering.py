@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dlearn"
 
-SHARED = ["fileio", "distributions", "datasets", "toys", "nets", "train", "shipped", "metrics"]
+SHARED = ["fileio", "checks", "distributions", "datasets", "toys", "nets", "train", "shipped", "metrics"]
 CHAPTERS = [
     "elbo", "vae", "hvae", "schedules", "vdm", "ddpm", "ddim", "diffusion", "score", "guidance", "text2image",
     "controlnet", "dreambooth", "inversion", "sd",
