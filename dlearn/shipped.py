@@ -4,6 +4,10 @@
     base = shipped.load(text2image.TextToImage(), "text2image")   # eval mode, gradients off
     shipped.info("text2image")["metrics"]                           # what the file records
 
+Every file carries a SHA-256 digest of its tensors and metadata (`dlearn.train.save_safetensors`). Reading one
+recomputes it and checks that every value is finite: a damaged file, a file of NaNs or a file without a digest
+raises `WeightsFileError` naming the file and how to recreate or restore it (`hint`).
+
 This is the file layer only: which recipe trains each file, and how its metrics are re-measured,
 is the registry's business (`dlearn.zoo`), which stands after the studies in the package's layering.
 """
@@ -38,15 +42,16 @@ def hint(name: str) -> str:
 
 
 def info(name: str) -> dict:
-    """The metadata stored with the weights: recipe, seed, training seconds, metrics, versions."""
-    return load_safetensors(path(name), hint=hint(name))[1]
+    """The metadata stored with the weights: recipe, seed, training seconds, metrics, versions (the file verified)."""
+    return load_safetensors(path(name), hint=hint(name), require_digest=True)[1]
 
 
 def load(model: nn.Module, name: str, device: str | torch.device = "cpu") -> nn.Module:
     """Read the shipped weights `name` into `model` (built with the file's architecture) and return it
-    on `device`, in eval mode with gradients switched off."""
+    on `device`, in eval mode with gradients switched off. The file's digest must be present and verify, and
+    every value be finite, or `WeightsFileError` says which file and how to restore it."""
     file = path(name)
-    tensors, _ = load_safetensors(file, hint=hint(name))
+    tensors, _ = load_safetensors(file, hint=hint(name), require_digest=True)
     load_state_into(model, tensors, file)
     return model.to(device).eval().requires_grad_(False)
 

@@ -7,6 +7,7 @@
 Retrain one (writes dlearn/weights/<name>.safetensors with its metrics), or re-measure what it records:
 
     python -m dlearn.zoo train digits_classifier
+    python -m dlearn.zoo train text2image --checkpoint-dir runs/text2image   # rerun the same command to resume
     python -m dlearn.zoo check vdm --full
     python -m dlearn.zoo list
 
@@ -22,6 +23,8 @@ the package's layering, so no chapter module depends on it.
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import platform
 import time
 from collections.abc import Callable
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dlearn import controlnet, diffusion, hvae, metrics, shipped, text2image, vae, vdm
+from dlearn import controlnet, diffusion, fileio, hvae, metrics, shipped, text2image, vae, vdm
 from dlearn.studies import classifier as classifier_study
 from dlearn.studies import controlnet as controlnet_study
 from dlearn.studies import diffusion as diffusion_study
@@ -349,11 +352,16 @@ def _check_record(name: str, full: bool) -> dict[str, tuple[float, float]]:
 
 
 def train(name: str, seed: int | None = None, save: bool = True, measure: bool = True, keep_weights: bool = False,
-          **overrides) -> tuple[nn.Module, dict]:  # fmt: skip
+          checkpoint_dir: str | Path | None = None, **overrides) -> tuple[nn.Module, dict]:  # fmt: skip
     """Run the entry's recipe once per seed (or for `seed` alone), measure each run, and (by default)
     write the first run's weights with the metadata of all runs; for an entry that ships its record
     only, write the record. `keep_weights` (for such an entry): train the first seed (or `seed`) and write
     its weights file only, so that `load` works on this machine; the shipped record stays as it is.
+
+    `checkpoint_dir`: each seed's run checkpoints in `checkpoint_dir/seed<N>/` (`train.fit`'s checkpoints and
+    `recipe.json`, the entry and settings that wrote them), and the same call again resumes each run where it
+    stopped, or takes a finished one as it is. Settings other than those in `recipe.json` are refused; delete
+    the folder to train afresh. A resumed run's "train_seconds" include the earlier sessions' training.
 
     Returns:
         the first run's model and the metadata: its metrics and training time, and under "runs" every
@@ -369,11 +377,15 @@ def train(name: str, seed: int | None = None, save: bool = True, measure: bool =
     kwargs = {**entry.config, **entry.recipe_kwargs, **overrides}
     if save and not measure:
         raise ValueError("weights are saved only with their measured metrics (measure=True)")
+    if checkpoint_dir is not None and "checkpoint_dir" not in inspect.signature(entry.recipe).parameters:
+        raise ValueError(f"{name}'s recipe {entry.recipe.__module__}:{entry.recipe.__name__} does not checkpoint "
+                         "(it is a short run): train it without a checkpoint folder")  # fmt: skip
     runs, models, histories = [], [], []
     for s in seeds:
         start = time.perf_counter()
-        model, result = entry.recipe(seed=s, **kwargs)
-        seconds = round(time.perf_counter() - start, 1)
+        resume = {} if checkpoint_dir is None else {"checkpoint_dir": _run_folder(checkpoint_dir, name, s, kwargs)}
+        model, result = entry.recipe(seed=s, **kwargs, **resume)
+        seconds = round(time.perf_counter() - start + getattr(result, "resumed_seconds", 0.0), 1)
         runs.append({"seed": s, "steps": result.steps, "best_step": result.best_step, "best_val": result.best_metric,
                      "train_seconds": seconds, "metrics": evaluate(name, model) if measure else {}})  # fmt: skip
         models.append(model)
@@ -398,6 +410,28 @@ def train(name: str, seed: int | None = None, save: bool = True, measure: bool =
     return models[0], metadata
 
 
+def _run_folder(checkpoint_dir: str | Path, name: str, seed: int, kwargs: dict) -> Path:
+    """`checkpoint_dir/seed<N>`, holding `recipe.json` (the entry and settings of its checkpoints); refuses a folder
+    whose checkpoints another entry or other settings wrote (all but "progress", which does not change the run)."""
+    folder = Path(checkpoint_dir) / f"seed{seed}"
+    entry = _entry(name)
+    settings = {k: v for k, v in kwargs.items() if k != "progress"}
+    wrote = json.loads(json.dumps({"name": name, "recipe": f"{entry.recipe.__module__}:{entry.recipe.__name__}",
+                                   "seed": seed, "settings": settings}, sort_keys=True, default=repr))  # fmt: skip
+    record = folder / "recipe.json"
+    if record.is_file():
+        try:
+            found = json.loads(record.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{record} is unreadable ({exc}): delete {folder} to train afresh") from exc
+        if found != wrote:
+            raise ValueError(f"the checkpoints in {folder} were written by another run ({found}), not by {wrote}: "
+                             f"use another checkpoint folder or delete {folder} to train afresh")  # fmt: skip
+    else:
+        fileio.write_text(record, json.dumps(wrote, indent=1, sort_keys=True) + "\n")
+    return folder
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dlearn.zoo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -408,6 +442,11 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument(
         "--keep-weights", action="store_true", help="also write the weights of an entry that ships its record only"
     )
+    p_train.add_argument(
+        "--checkpoint-dir", metavar="DIR", default=None,
+        help="checkpoint each seed's run in DIR/seed<N>/; the same command again resumes where it stopped "
+        "(delete DIR to train afresh)",
+    )  # fmt: skip
     p_check = sub.add_parser("check", help="re-evaluate shipped weights against their recorded metrics")
     p_check.add_argument("names", nargs="+", metavar="name", help="entries to check, or `all`")
     p_check.add_argument("--full", action="store_true", help="re-measure every metric (slow for the DDPMs; retrains records)")
@@ -423,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
                 status = f"not available: {exc}"
             print(f"{name}: {entry.description}\n    {status}")
     elif args.command == "train":
-        _, meta = train(args.name, seed=args.seed, keep_weights=args.keep_weights)
+        _, meta = train(args.name, seed=args.seed, keep_weights=args.keep_weights, checkpoint_dir=args.checkpoint_dir)
         keeps_weights = _entry(args.name).weights or args.keep_weights
         where = weights_path(args.name) if keeps_weights else shipped.WEIGHTS_DIR / shipped.RECORDS
         print(f"wrote {where}: {meta['train_seconds']} s, metrics {meta['metrics']}")

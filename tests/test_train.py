@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -230,3 +231,182 @@ def test_ema_is_the_exponential_average(gen):
     for w in [*snapshots[1:], live[0].weight.detach()]:
         avg = 0.5 * avg + 0.5 * w
     torch.testing.assert_close(averaged[0].weight, avg)
+
+
+# --------------------------------------------------------------------------------------------
+# an interrupted run (Ctrl-C) resumes to the weights and history of a run never stopped
+# --------------------------------------------------------------------------------------------
+
+
+def _interrupted_then_resumed(tmp_path, x, y, cfg, val, interrupt):
+    """Run until `interrupt` (which raises KeyboardInterrupt from the loss or val_fn) stops it, then resume
+    in a fresh model with the plain loss and val_fn: (model, result) of the resumed run."""
+    ckpt = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(_model(), interrupt.loss, (x, y), train.TrainConfig(**cfg, checkpoint_dir=ckpt), interrupt.val)
+    assert interrupt.fired
+    resumed = _model(seed=99)  # a fresh process builds another init; the checkpoint wins
+    result = train.fit(resumed, _loss, (x, y), train.TrainConfig(**cfg, checkpoint_dir=ckpt), val)
+    return resumed, result
+
+
+class _Interrupt:
+    """Raises KeyboardInterrupt in the loss of step `step` (0-based: before that step is taken) or, with
+    where="val", in the validation after `step` steps (once, the first time either is reached)."""
+
+    def __init__(self, val, step, where="loss"):
+        self.base_val, self.step, self.where, self.fired, self.losses, self.vals = val, step, where, False, 0, 0
+
+    def loss(self, m, batch, g):
+        if self.where == "loss" and self.losses == self.step and not self.fired:
+            self.fired = True
+            noise = torch.randn(3, generator=g)  # the step had already drawn from the run's generator  # noqa: F841
+            torch.rand(3)  # and from torch's (dropout's)
+            raise KeyboardInterrupt
+        self.losses += 1
+        return _loss(m, batch, g)
+
+    def val(self, m):
+        if self.where == "val" and self.losses == self.step and not self.fired:
+            self.fired = True
+            torch.rand(3)
+            raise KeyboardInterrupt
+        return self.base_val(m)
+
+
+@pytest.mark.parametrize(
+    "step, where, ema",
+    [
+        (27, "loss", None),  # in the middle of an evaluation interval
+        (20, "loss", None),  # the step right after the checkpoint of step 20
+        (19, "loss", None),  # the step whose end is a checkpoint
+        (40, "val", None),  # during the evaluation (and checkpoint) of step 40
+        (40, "val", 0.9),  # ... while the model holds the averaged weights
+        (33, "loss", 0.9),
+    ],
+)
+def test_an_interrupted_run_resumes_exactly(tmp_path, gen, step, where, ema):
+    x, y = _problem(gen)
+    val = lambda m: F.mse_loss(m(x)[:, 0], y).item()  # noqa: E731
+    cfg = dict(max_steps=60, eval_every=20, lr=5e-3, seed=3, ema=ema, progress=False)
+    straight = _model()
+    r1 = train.fit(straight, _loss, (x, y), train.TrainConfig(**cfg), val)
+    resumed, r2 = _interrupted_then_resumed(tmp_path, x, y, cfg, val, _Interrupt(val, step, where))
+    assert r2.steps == 60 and r2.history == r1.history
+    assert (r2.best_step, r2.best_metric) == (r1.best_step, r1.best_metric)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_ctrl_c_during_the_optimiser_step_waits_for_the_step_to_finish(tmp_path, gen):
+    """A real SIGINT that lands inside the AdamW update (half the parameters updated) must not leave a
+    checkpoint of a half-taken step: the step completes, then the interruption is raised."""
+    import os
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    x, y = _problem(gen)
+    val = lambda m: F.mse_loss(m(x)[:, 0], y).item()  # noqa: E731
+    cfg = dict(max_steps=40, eval_every=20, lr=5e-3, seed=1, progress=False)
+    straight = _model()
+    r1 = train.fit(straight, _loss, (x, y), train.TrainConfig(**cfg), val)
+    steps = {"n": 0}
+
+    def ctrl_c(opt, args, kwargs):
+        steps["n"] += 1
+        if steps["n"] == 13:
+            os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt at the next bytecode
+
+    handle = register_optimizer_step_post_hook(ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.fit(_model(), _loss, (x, y), train.TrainConfig(**cfg, checkpoint_dir=tmp_path), val)
+    finally:
+        handle.remove()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # fit put the handler back
+    assert train.load_safetensors(tmp_path / "last.safetensors")[1]["step"] == 13
+    resumed = _model()
+    r2 = train.fit(resumed, _loss, (x, y), train.TrainConfig(**cfg, checkpoint_dir=tmp_path), val)
+    assert r2.history == r1.history
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("grad_clip", -1.0),  # would scale every gradient by a negative factor: the loss climbs
+        ("grad_clip", 0.0),
+        ("grad_clip", float("nan")),
+        ("grad_clip", float("inf")),
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+        ("lr", -1e-3),
+        ("lr", "1e-3"),
+        ("weight_decay", -0.1),
+        ("weight_decay", float("nan")),
+        ("max_steps", 10.5),
+        ("max_steps", True),
+        ("batch_size", 0),
+        ("batch_size", 32.0),
+        ("eval_every", -5),
+        ("patience", 0),
+        ("patience", 2.5),
+        ("patience", float("nan")),
+        ("ema", float("nan")),
+        ("ema", 1.0),
+        ("ema", "0.9"),
+    ],
+)
+def test_a_bad_number_in_the_config_is_refused(field, value):
+    with pytest.raises(ValueError, match=rf"{field} must be .*got {re.escape(repr(value))}"):
+        train.TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("seed", 1.5), ("select", 3), ("higher_is_better", "yes"), ("progress", "no"), ("checkpoint_dir", 3)],
+)
+def test_a_setting_of_the_wrong_kind_is_refused(field, value):
+    with pytest.raises(TypeError, match=rf"{field} must be"):
+        train.TrainConfig(**{field: value})
+
+
+def test_fit_checks_the_config_again(gen):
+    """A field set after construction is checked by fit, before any step is taken."""
+    x, y = _problem(gen)
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = train.TrainConfig(max_steps=50, progress=False)
+    cfg.grad_clip = -1.0
+    with pytest.raises(ValueError, match="grad_clip must be a positive finite number or None, got -1.0"):
+        train.fit(model, _loss, (x, y), cfg)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        train.fit(model, _loss, (x, y), {"max_steps": 5})
+    with pytest.raises(ValueError, match="has no parameters"):
+        train.fit(nn.ReLU(), _loss, (x, y), train.TrainConfig(max_steps=1, progress=False))
+    with pytest.raises(ValueError, match="scalar tensor"):
+        train.fit(model, lambda m, b, g: 1.0, (x, y), train.TrainConfig(max_steps=1, progress=False))
+
+
+def test_a_damaged_checkpoint_is_refused_and_an_older_one_resumes_with_a_warning(tmp_path, gen):
+    from safetensors.torch import load_file, save_file
+
+    x, y = _problem(gen)
+    cfg = dict(max_steps=20, eval_every=10, progress=False)
+    train.fit(_model(), _loss, (x, y), train.TrainConfig(**{**cfg, "max_steps": 10}, checkpoint_dir=tmp_path))
+    last = tmp_path / "last.safetensors"
+    good = last.read_bytes()
+    data = bytearray(good)
+    data[-64:] = bytes(64)  # the end of the tensor data
+    last.write_bytes(bytes(data))
+    with pytest.raises(train.WeightsFileError, match=rf"{re.escape(str(last))} is corrupted.*Delete the directory"):
+        train.fit(_model(), _loss, (x, y), train.TrainConfig(**cfg, checkpoint_dir=tmp_path))
+    last.write_bytes(good)
+    header = json.loads(good[8 : 8 + int.from_bytes(good[:8], "little")])["__metadata__"]
+    save_file(load_file(last), str(last), metadata={"dlearn": header["dlearn"]})  # as a dlearn without digests wrote it
+    with pytest.warns(UserWarning, match="no digest"):
+        result = train.fit(_model(), _loss, (x, y), train.TrainConfig(**cfg, checkpoint_dir=tmp_path))
+    assert result.steps == 20 and [h["step"] for h in result.history] == [10, 20]

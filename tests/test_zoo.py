@@ -25,8 +25,7 @@ def test_each_shipped_weight_still_reaches_its_recorded_metrics(name):
     assert report  # at least one metric is recorded and re-measured
     meta = zoo.info(name)
     recipe = zoo.REGISTRY[name].recipe
-    # "module:function" as it was when the file was trained (recipes moved to dlearn.studies since)
-    assert meta["train_seconds"] > 0 and meta["recipe"].rsplit(":", 1)[-1] == recipe.__name__
+    assert meta["train_seconds"] > 0 and meta["recipe"] == f"{recipe.__module__}:{recipe.__name__}"
 
 
 def test_a_recipe_runs_and_a_check_re_measures_in_the_unit_tests():
@@ -142,3 +141,92 @@ def test_a_tampered_record_fails_its_check(monkeypatch, tmp_path):
     (tmp_path / shipped.RECORDS).write_text("{not json")
     with pytest.raises(WeightsFileError, match="unreadable.*git checkout"):
         zoo.info("tiny_record")
+
+
+def test_train_checkpoints_and_the_same_call_again_resumes(tmp_path, monkeypatch):
+    """`zoo.train(..., checkpoint_dir=DIR)` reaches the recipe's `fit`; after a Ctrl-C the same call resumes
+    (it takes only the remaining steps) and ends with the weights of a run never stopped."""
+    from dlearn import train as train_module
+
+    seen, calls = [], {"n": 0, "interrupt_at": 13}
+    real_fit = train_module.fit
+
+    def spying_fit(model, loss_fn, data, config, val_fn=None):
+        seen.append(config.checkpoint_dir)
+
+        def counted(m, batch, g):
+            calls["n"] += 1
+            if calls["n"] == calls["interrupt_at"]:
+                raise KeyboardInterrupt
+            return loss_fn(m, batch, g)
+
+        return real_fit(model, counted, data, config, val_fn)
+
+    monkeypatch.setattr(classifier_study, "fit", spying_fit)
+    run = dict(seed=0, save=False, measure=False, max_steps=20, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        zoo.train("digits_classifier", checkpoint_dir=tmp_path, **run)
+    assert seen == [tmp_path / "seed0"]
+    assert train_module.load_safetensors(tmp_path / "seed0" / "last.safetensors")[1]["step"] == 12
+    assert json.loads((tmp_path / "seed0" / "recipe.json").read_text())["settings"]["max_steps"] == 20
+    calls.update(n=0, interrupt_at=None)
+    resumed, meta = zoo.train("digits_classifier", checkpoint_dir=tmp_path, **run)  # the same call again
+    assert calls["n"] == 8 and meta["steps"] == 20  # the 8 steps left, not 20
+    calls.update(n=0)
+    zoo.train("digits_classifier", checkpoint_dir=tmp_path, **run)  # once more: the finished run, no step
+    assert calls["n"] == 0
+    straight, _ = zoo.train("digits_classifier", **run)  # never stopped, no checkpoints
+    assert seen[-1] is None and calls["n"] == 20
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match=r"seed0 were written by another run.*'max_steps': 20.*delete"):
+        zoo.train("digits_classifier", checkpoint_dir=tmp_path, **{**run, "max_steps": 30})
+
+
+def test_the_cli_passes_the_checkpoint_folder_down(monkeypatch, tmp_path, capsys):
+    got = {}
+
+    def fake_train(name, **kwargs):
+        got.update(kwargs, name=name)
+        return None, {"train_seconds": 1.0, "metrics": {}}
+
+    monkeypatch.setattr(zoo, "train", fake_train)
+    zoo.main(["train", "vae", "--checkpoint-dir", str(tmp_path)])
+    assert got["name"] == "vae" and got["checkpoint_dir"] == str(tmp_path)
+    zoo.main(["train", "vae"])
+    assert got["checkpoint_dir"] is None
+
+
+def test_the_long_recipes_checkpoint_and_the_short_one_says_it_does_not(tmp_path):
+    import inspect
+
+    for name, entry in zoo.REGISTRY.items():
+        has = "checkpoint_dir" in inspect.signature(entry.recipe).parameters
+        assert has == (name != "dreambooth"), name  # dreambooth: 300 steps of `dreambooth.finetune`, not `fit`
+    with pytest.raises(ValueError, match="dreambooth's recipe .* does not checkpoint"):
+        zoo.train("dreambooth", save=False, checkpoint_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+class _Reached(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["vae", "hvae", "vdm", "ddpm", "text2image", "controlnet"])
+def test_each_recipe_hands_the_checkpoint_folder_to_fit(name, tmp_path, monkeypatch):
+    """Each long recipe passes `checkpoint_dir` to its `TrainConfig` (stopped at `fit`, before any step)."""
+    import sys
+
+    recipe = zoo.REGISTRY[name].recipe
+    module = sys.modules[recipe.__module__]
+
+    def stop(model, loss_fn, data, config, val_fn=None):
+        raise _Reached(config.checkpoint_dir)
+
+    monkeypatch.setattr(module, "fit", stop)
+    if name == "controlnet":  # its step-0 record samples 2 x 100 images first: blank ones will do here
+        monkeypatch.setattr(module, "generate", lambda base, cn, masks, prompts, *a, **k: torch.zeros(len(prompts), 1, 8, 8))
+    kwargs = {**zoo.REGISTRY[name].config, **zoo.REGISTRY[name].recipe_kwargs}
+    with pytest.raises(_Reached) as reached:
+        recipe(seed=0, **kwargs, checkpoint_dir=tmp_path / "run")
+    assert reached.value.args == (tmp_path / "run",)

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -13,8 +15,11 @@ from dlearn.metrics import DigitClassifier, accuracy, features, frechet_distance
 from dlearn.train import TrainConfig, TrainResult, fit
 
 
-def train_classifier(seed: int = 0, max_steps: int = 4000, progress: bool | None = None) -> tuple[DigitClassifier, TrainResult]:
-    """The zoo recipe of "digits_classifier": train split with 1-pixel shifts, best validation accuracy."""
+def train_classifier(seed: int = 0, max_steps: int = 4000, progress: bool | None = None,
+                     checkpoint_dir: str | Path | None = None) -> tuple[DigitClassifier, TrainResult]:  # fmt: skip
+    """The zoo recipe of "digits_classifier": train split with 1-pixel shifts, best validation accuracy.
+
+    `checkpoint_dir`: `fit` checkpoints there, and the same call again resumes the run (`TrainConfig`)."""
     x_train, y_train = datasets.digits("train", form="unit")
     x_val, y_val = datasets.digits("val", form="unit")
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, caller's random state untouched
@@ -27,7 +32,7 @@ def train_classifier(seed: int = 0, max_steps: int = 4000, progress: bool | None
 
     config = TrainConfig(
         max_steps=max_steps, batch_size=64, lr=2e-3, weight_decay=1e-3, eval_every=100, patience=15,
-        higher_is_better=True, seed=seed, progress=progress,
+        higher_is_better=True, seed=seed, progress=progress, checkpoint_dir=checkpoint_dir,
     )  # fmt: skip
     result = fit(model, loss_fn, (x_train, y_train), config, val_fn=lambda m: accuracy(m(x_val), y_val))
     return model.eval(), result

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -134,10 +135,11 @@ def evaluate(base: TextToImage, cn, n: int = 100, control: str = "mask", steps: 
 def train_controlnet(seed: int = 0, max_steps: int = 1500, variant: str = "full", init: str = "zero",
                      control: str = "mask", p_uncond: float = 0.5, n_train: int | None = None, lr: float = 1e-3,
                      batch_size: int = 64, eval_every: int = 25, base: TextToImage | None = None,
-                     progress: bool | None = None):  # fmt: skip
+                     progress: bool | None = None, checkpoint_dir: str | Path | None = None):  # fmt: skip
     """The zoo's recipe: a ControlNet on the shipped `text2image` base (locked), AdamW at constant `lr`, no EMA
     (so the learning curve is the raw one). At step 0 and every `eval_every` steps it logs the condition fidelity
-    (mean IoU) of 100 validation masks with no prompt (DDIM-10, w = 1), and keeps the best.
+    (mean IoU) of 100 validation masks with no prompt (DDIM-10, w = 1), and keeps the best. `checkpoint_dir`: `fit`
+    checkpoints there, and the same call again resumes the run (`TrainConfig`; the step-0 record is measured again).
 
     Returns:
         the ControlNet (eval mode) and the `TrainResult`; every history record also holds the IoU with the perfect
@@ -169,7 +171,7 @@ def train_controlnet(seed: int = 0, max_steps: int = 1500, variant: str = "full"
         step0["base_loss"] = controlnet_loss(base, None, batch, torch.Generator().manual_seed(seed), p_uncond).item()
         step0.update(at_start)
     cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
-                      select="iou_none", higher_is_better=True, progress=progress)  # fmt: skip
+                      select="iou_none", higher_is_better=True, progress=progress, checkpoint_dir=checkpoint_dir)  # fmt: skip
     result = fit(cn, lambda m, b, g: controlnet_loss(base, m, b, g, p_uncond), data, cfg, val_fn=val_fn)
     result.history.insert(0, step0)
     return cn.eval(), result

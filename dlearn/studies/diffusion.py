@@ -9,6 +9,8 @@ split, with the memorisation share; `quality_over_seeds` averages it over sampli
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from dlearn import datasets, metrics
@@ -92,6 +94,7 @@ def train_ddpm(
     augment_p: float = 0.5,
     num_classes: int | None = None,
     progress: bool | None = None,
+    checkpoint_dir: str | Path | None = None,
 ):
     """A recipe for the digits DDPM: AdamW, cosine decay, weight average (EMA 0.999), batch 128.
 
@@ -106,6 +109,8 @@ def train_ddpm(
     `num_classes` (10): a class-conditional DDPM trained on (digit, label) pairs. Its validation samples
     have labels in the train split's proportions (`generate`) and its "val_bound" is the bound on
     -log p(x | label) with the validation labels.
+
+    `checkpoint_dir`: `fit` checkpoints there, and the same call again resumes the run (`TrainConfig`).
     """
     x_train, y_train = datasets.digits("train", form="unit")
     x_val, y_val = datasets.digits("val")
@@ -136,7 +141,8 @@ def train_ddpm(
         return training_loss(m, x, gen, weighting, aug=labels, labels=classes)
 
     cfg = TrainConfig(max_steps=max_steps, batch_size=128, lr=lr, lr_schedule="cosine", ema=0.999,
-                      eval_every=eval_every, seed=seed, select="fd", progress=progress)  # fmt: skip
+                      eval_every=eval_every, seed=seed, select="fd", progress=progress,
+                      checkpoint_dir=checkpoint_dir)  # fmt: skip
     result = fit(model, loss_fn, (x_train, y_train) if conditional else (x_train,), cfg, val_fn=val_fn)
     return model.eval(), result
 

@@ -8,6 +8,8 @@ Both are chapter 02's (`dlearn.studies.vae`) with the HVAE's bound; the recipe t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from dlearn import datasets
@@ -24,10 +26,13 @@ def train_hvae(
     warmup_steps: int = 0,
     free_bits: float = 0.0,
     progress: bool | None = None,
+    checkpoint_dir: str | Path | None = None,
     **config_kwargs,
 ) -> tuple[HVAE, TrainResult]:
     """The zoo recipe for the HVAE: chapter 02's recipe (AdamW, cosine decay, weight average, best
-    validation bound) on `training_loss`, optionally with KL warm-up and free bits."""
+    validation bound) on `training_loss`, optionally with KL warm-up and free bits.
+
+    `checkpoint_dir`: `fit` checkpoints there, and the same call again resumes the run (`TrainConfig`)."""
     x_train, _ = datasets.digits("train")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -37,8 +42,9 @@ def train_hvae(
         return training_loss(m, batch[0], gen, step, warmup_steps, free_bits)
 
     cfg = TrainConfig(
-        max_steps=max_steps, batch_size=64, lr=lr, lr_schedule="cosine", ema=ema, eval_every=100, seed=seed, progress=progress
-    )
+        max_steps=max_steps, batch_size=64, lr=lr, lr_schedule="cosine", ema=ema, eval_every=100, seed=seed, progress=progress,
+        checkpoint_dir=checkpoint_dir,
+    )  # fmt: skip
     result = fit(model, loss_fn, (x_train,), cfg, val_fn=lambda m: vae_study.validation_neg_elbo(m, elbo_terms))
     return model.eval(), result
 

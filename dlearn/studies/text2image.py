@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from dlearn import datasets, metrics, shipped
@@ -31,9 +33,11 @@ def shipped_base() -> TextToImage:
 
 
 def train_text2image(seed: int = 0, max_steps: int = 5000, p_uncond: float = 0.1, lr: float = 1e-3, batch_size: int = 64,
-                     eval_every: int = 1000, progress: bool | None = None):  # fmt: skip
+                     eval_every: int = 1000, progress: bool | None = None, checkpoint_dir: str | Path | None = None):  # fmt: skip
     """The zoo's recipe: eps-loss with random partial captions and prompt dropout `p_uncond`, AdamW, cosine decay,
-    EMA 0.999; keeps the weights with the best validation FD (400 samples of validation captions, w = 2, DDIM-20)."""
+    EMA 0.999; keeps the weights with the best validation FD (400 samples of validation captions, w = 2, DDIM-20).
+
+    `checkpoint_dir`: `fit` checkpoints there, and the same call again resumes the run (`TrainConfig`)."""
     x, y = datasets.digits("train")
     data = (levels_to_unit(x), y, attribute_bits(x, y))
     x_val, y_val = datasets.digits("val")
@@ -56,7 +60,7 @@ def train_text2image(seed: int = 0, max_steps: int = 5000, p_uncond: float = 0.1
         return metrics.frechet_distance(metrics.features(clf, levels_to_unit(unit_to_levels(imgs.cpu()))), val_feats)
 
     cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=lr, lr_schedule="cosine", ema=0.999,
-                      eval_every=eval_every, seed=seed, progress=progress)  # fmt: skip
+                      eval_every=eval_every, seed=seed, progress=progress, checkpoint_dir=checkpoint_dir)  # fmt: skip
     result = fit(model, loss_fn, data, cfg, val_fn=val_fn)
     return model.eval(), result
 

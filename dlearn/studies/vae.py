@@ -8,6 +8,8 @@ uses it with its own bound, and its recipe the early-stopping metric `validation
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -55,10 +57,13 @@ def train_vae(
     lr: float = 1e-3,
     ema: float | None = 0.999,
     progress: bool | None = None,
+    checkpoint_dir: str | Path | None = None,
     **config_kwargs,
 ) -> tuple[ConvVAE, TrainResult]:
     """The zoo recipe for a VAE: AdamW on the negative ELBO, cosine learning-rate decay, an exponential
-    moving average of the weights, and the checkpoint with the best validation negative ELBO."""
+    moving average of the weights, and the checkpoint with the best validation negative ELBO.
+
+    `checkpoint_dir`: `fit` checkpoints there, and the same call again resumes the run (`TrainConfig`)."""
     x_train, _ = datasets.digits("train")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -68,8 +73,9 @@ def train_vae(
         return elbo_terms(m, batch[0], gen).neg_elbo.mean()
 
     cfg = TrainConfig(
-        max_steps=max_steps, batch_size=64, lr=lr, lr_schedule="cosine", ema=ema, eval_every=100, seed=seed, progress=progress
-    )
+        max_steps=max_steps, batch_size=64, lr=lr, lr_schedule="cosine", ema=ema, eval_every=100, seed=seed, progress=progress,
+        checkpoint_dir=checkpoint_dir,
+    )  # fmt: skip
     result = fit(model, loss_fn, (x_train,), cfg, val_fn=lambda m: validation_neg_elbo(m, elbo_terms))
     return model.eval(), result
 

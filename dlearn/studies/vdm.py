@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from dlearn import datasets
@@ -41,6 +43,7 @@ def train_vdm(
     augment: bool = False,
     augment_p: float = 0.5,
     progress: bool | None = None,
+    checkpoint_dir: str | Path | None = None,
 ):
     """A recipe for the digits VDM: AdamW on the one-sample -ELBO, cosine decay, weight average, best validation bound.
 
@@ -48,6 +51,7 @@ def train_vdm(
     either runs from log-SNR `logsnr_max` at t = 0 to `logsnr_min` at t = 1 (the learned one to start with).
     `augment`: train on `datasets.augment_digits` (a share `augment_p` of each batch transformed, the
     labels given to the denoiser); validation and test bounds are of the untransformed digits.
+    `checkpoint_dir`: `fit` checkpoints there, and the same call again resumes the run (`TrainConfig`).
     """
     x_train, _ = datasets.digits("train")
     with torch.random.fork_rng(devices=[]):
@@ -60,6 +64,7 @@ def train_vdm(
         x, labels = datasets.augment_digits(batch[0], augment_p, gen)
         return m.neg_elbo_terms(x, gen, aug=labels).neg_elbo.mean()
 
-    cfg = TrainConfig(max_steps=max_steps, lr=lr, lr_schedule="cosine", ema=0.999, eval_every=200, seed=seed, progress=progress)
+    cfg = TrainConfig(max_steps=max_steps, lr=lr, lr_schedule="cosine", ema=0.999, eval_every=200, seed=seed, progress=progress,
+                      checkpoint_dir=checkpoint_dir)  # fmt: skip
     result = fit(model, loss_fn, (x_train,), cfg, val_fn=lambda m: bound_on_split(m, "val", draws=8, seed=1))
     return model.eval(), result
