@@ -25,6 +25,8 @@ study runs are in `dlearn.studies.dreambooth`.
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,6 +215,34 @@ def diffusion_loss(model: TextToImage, x0: torch.Tensor, prompts: list[str], gen
     return ((model(x_t, t, ids) - eps) ** 2).mean()
 
 
+def check_prior_weight(prior_weight: float) -> float:
+    """lambda of the prior-preservation loss: a finite number >= 0 (NaN and inf are refused, not trained on)."""
+    if not isinstance(prior_weight, numbers.Real) or not math.isfinite(prior_weight) or prior_weight < 0:
+        raise ValueError(f"prior_weight must be a finite number >= 0, got {prior_weight!r}")
+    return float(prior_weight)
+
+
+def prior_preservation_loss(model: TextToImage, instance_x: torch.Tensor, instance_prompt: str,
+                            prior_x: torch.Tensor | None, prior_prompt: str, prior_weight: float, batch_size: int,
+                            gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """One step's DreamBooth objective (paper eq. 2, eps form): the instance loss plus lambda times the prior loss,
+
+        diffusion_loss(instance batch, "a [V] [class noun]") + prior_weight * diffusion_loss(prior batch, "a [class noun]").
+
+    From `gen`, in this order: `batch_size` indices into the subject images `instance_x` (with replacement), the
+    instance batch's time steps and noise, then (if `prior_x`, the pool of prior samples, is given) `batch_size`
+    indices into `prior_x` and the prior batch's time steps and noise. `prior_x` None is the loss without prior
+    preservation (the instance loss alone, nothing more drawn).
+    """
+    prior_weight = check_prior_weight(prior_weight)
+    idx = torch.randint(len(instance_x), (batch_size,), generator=gen)
+    loss = diffusion_loss(model, instance_x[idx], [instance_prompt] * batch_size, gen)
+    if prior_x is not None:
+        jdx = torch.randint(len(prior_x), (batch_size,), generator=gen)
+        loss = loss + prior_weight * diffusion_loss(model, prior_x[jdx], [prior_prompt] * batch_size, gen)
+    return loss
+
+
 MODES = ("dreambooth", "embedding")
 
 
@@ -250,8 +280,7 @@ def finetune(base: TextToImage, subject: Subject, identifier: str = IDENTIFIER, 
     """
     from tqdm.auto import tqdm
 
-    if prior_weight < 0:
-        raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
+    prior_weight = check_prior_weight(prior_weight)
     if identifier not in VOCAB:
         raise ValueError(f"identifier {identifier!r} is not in the vocabulary; spare words: {SPARE_WORDS}")
     noun = subject.class_word if class_word == "" else class_word
@@ -288,11 +317,7 @@ def finetune(base: TextToImage, subject: Subject, identifier: str = IDENTIFIER, 
     measure(0)
     model.train()
     for step in tqdm(range(1, steps + 1), disable=not show_progress(progress), leave=False, desc="dreambooth"):
-        idx = torch.randint(len(subject.images), (batch_size,), generator=gen)
-        loss = diffusion_loss(model, subject.images[idx], [prompt] * batch_size, gen)
-        if prior is not None:
-            jdx = torch.randint(len(prior), (batch_size,), generator=gen)
-            loss = loss + prior_weight * diffusion_loss(model, prior[jdx], [class_prompt] * batch_size, gen)
+        loss = prior_preservation_loss(model, subject.images, prompt, prior, class_prompt, prior_weight, batch_size, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)

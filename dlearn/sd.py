@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dlearn.dreambooth import check_prior_weight
 from dlearn.inversion import check_timesteps
 
 ENV_VAR = "DLEARN_SD_PATH"
@@ -295,6 +296,8 @@ def dreambooth_loss(pipe, instance_images: torch.Tensor, instance_prompt: str, c
     `prior_weight` x the eps-loss on class images (samples of the frozen pipeline for "a [class]"). Gradients reach
     the UNet and the text encoder (whichever require them)."""
     from transformers import BatchEncoding
+
+    prior_weight = check_prior_weight(prior_weight)  # NaN would silently switch prior preservation off
 
     def one(images, prompt):
         latents = encode_images(pipe, images)

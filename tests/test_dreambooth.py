@@ -137,3 +137,73 @@ def test_check_B6_B13_B14_on_the_shipped_model(subject):
     assert sum(against) / len(against) < sum(with_) / len(with_)  # B13
     seeds = [(D._features(t2i.generate(db, [D.subject_prompt()] * 32, 2.0, steps=20, seed=s)) - centre).mean(0) for s in range(6)]
     assert torch.stack(means).var(0).sum() > 3 * torch.stack(seeds).var(0).sum()  # B14
+
+
+def _own_eps_loss(model, x0, prompt, g):
+    """The eps-loss written out here, not with dreambooth.diffusion_loss or text2image.noised: t ~ U{0..T-1}, then
+    eps ~ N(0, I), both from `g`, x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
+    t = torch.randint(0, len(model.alpha_bar), (len(x0),), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    ab = model.alpha_bar[t].reshape(-1, 1, 1, 1)
+    return ((model(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t, t2i.tokenize([prompt] * len(x0))) - eps) ** 2).mean()
+
+
+@torch.no_grad()
+def test_check_B2_prior_preservation_loss_is_instance_plus_lambda_prior(gen):
+    """Paper eq. 2: the objective is the instance loss plus lambda times the prior loss, on the same draws; so it is
+    linear in lambda, and lambda = 0 leaves the instance loss alone. The two losses are recomputed here."""
+    torch.manual_seed(0)
+    model = t2i.TextToImage().eval()
+    inst, prior = torch.rand(5, 1, 8, 8, generator=gen) * 2 - 1, torch.rand(7, 1, 8, 8, generator=gen) * 2 - 1
+    args = (model, inst, "a sks three", prior, "a three")
+
+    def total(w, seed=3):
+        return D.prior_preservation_loss(*args, w, 4, torch.Generator().manual_seed(seed))
+
+    g = torch.Generator().manual_seed(3)
+    inst_loss = _own_eps_loss(model, inst[torch.randint(5, (4,), generator=g)], "a sks three", g)
+    prior_loss = _own_eps_loss(model, prior[torch.randint(7, (4,), generator=g)], "a three", g)
+    assert prior_loss > 0.1 and inst_loss > 0.1  # an untrained model: both terms count
+    for w in (0.0, 0.3, 1.0, 2.5):
+        torch.testing.assert_close(total(w), inst_loss + w * prior_loss, rtol=1e-5, atol=0)
+    l0, l1 = total(0.0), total(1.0)
+    assert torch.equal(l0, total(0))  # an int weight is the same number
+    torch.testing.assert_close(total(0.7) - l0, 0.7 * (l1 - l0), rtol=1e-4, atol=0)  # linear in lambda
+    torch.testing.assert_close(l0, inst_loss, rtol=1e-5, atol=0)
+    # without prior samples: the instance loss, and only the instance batch's draws are taken from the generator
+    g_none = torch.Generator().manual_seed(3)
+    torch.testing.assert_close(D.prior_preservation_loss(model, inst, "a sks three", None, "a three", 1.0, 4, g_none),
+                               inst_loss, rtol=1e-5, atol=0)  # fmt: skip
+    g_own = torch.Generator().manual_seed(3)
+    _own_eps_loss(model, inst[torch.randint(5, (4,), generator=g_own)], "a sks three", g_own)
+    assert torch.equal(torch.rand(3, generator=g_none), torch.rand(3, generator=g_own))
+
+
+def test_finetune_trains_on_its_prior_weight(subject, monkeypatch):
+    """The training loop hands `prior_weight` (and the prior samples) to the objective at every step."""
+    seen = []
+    real = D.prior_preservation_loss
+
+    def spy(model, instance_x, instance_prompt, prior_x, prior_prompt, prior_weight, batch_size, gen):
+        seen.append((prior_weight, prior_x is None, instance_prompt, prior_prompt))
+        return real(model, instance_x, instance_prompt, prior_x, prior_prompt, prior_weight, batch_size, gen)
+
+    monkeypatch.setattr(D, "prior_preservation_loss", spy)
+    torch.manual_seed(0)
+    base = t2i.TextToImage().eval()
+    for w in (0.25, 0.0):
+        seen.clear()
+        D.finetune(base, subject, prior_weight=w, steps=2, n_prior=3, n_eval=2, eval_every=2, batch_size=2, progress=False)
+        assert seen == [(w, w == 0, "a sks three", "a three")] * 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -1e-9, "1.0", None])
+def test_prior_weight_must_be_a_finite_number_at_least_zero(subject, bad):
+    torch.manual_seed(0)
+    base = t2i.TextToImage().eval()
+    with pytest.raises(ValueError, match="prior_weight must be a finite number >= 0"):  # a short run, if it ran
+        D.finetune(base, subject, prior_weight=bad, steps=1, n_prior=2, n_eval=2, eval_every=1, batch_size=2, progress=False)
+    x = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="prior_weight"):
+        D.prior_preservation_loss(base, x, "a sks three", x, "a three", bad, 2, torch.Generator().manual_seed(0))
+    assert D.check_prior_weight(0) == 0.0 and D.check_prior_weight(2) == 2.0

@@ -117,3 +117,28 @@ def test_posterior_z2_is_the_top_down_encoder(gen):
     assert mean.shape == logvar.shape == (3, 2)
     with pytest.raises(ValueError, match="top-down"):
         hvae.HVAE(z1_channels=1, z2_dim=2, channels=(8, 8), hidden=16, inference="markov").posterior_z2(x[:3])
+
+
+@torch.no_grad()
+def test_iwae_bound_is_the_log_mean_of_the_weights_on_the_same_draws():
+    """hvae.iwae_bound against its definition on the same K joint draws of (z1, z2) ~ q: log((1/K) sum_k w_k),
+    w_k = p(x, z_k) / q(z_k | x) exponentiated here in float64 (log w is about -200 nats for an untrained model,
+    far from float64's underflow), between the mean and the max of log w; with K = 1, in Markov inference, it is
+    the one-sample ELBO of `elbo_terms` at the same draw (there the KL term is log q - log p at the draw)."""
+    x, _ = datasets.digits("val")
+    x = x[:6]
+    for inference in ("markov", "top_down"):
+        torch.manual_seed(0)
+        model = hvae.HVAE(z1_channels=1, z2_dim=2, channels=(8, 8), hidden=16, inference=inference).eval()
+        for k in (1, 5, 50):
+            iwae = hvae.iwae_bound(model, x, k, torch.Generator().manual_seed(k))
+            d = hvae._draw(model, x, k, torch.Generator().manual_seed(k))  # the same draws
+            log_w = (d["log_lik"] + d["log_p_z"] - d["log_q_z"]).double()  # (K, B)
+            assert log_w.shape == (k, 6) and log_w.min() > -700
+            torch.testing.assert_close(iwae.double(), torch.log(torch.exp(log_w).mean(0)), atol=1e-4, rtol=0)
+            assert (iwae >= log_w.mean(0) - 1e-4).all() and (iwae <= log_w.max(0).values + 1e-4).all()
+            if k > 1:
+                assert (iwae < log_w.max(0).values - 1e-3).all()  # the K weights differ: the mean is below the max
+        if inference == "markov":
+            one = hvae.iwae_bound(model, x, 1, torch.Generator().manual_seed(7))
+            torch.testing.assert_close(one, -hvae.elbo_terms(model, x, torch.Generator().manual_seed(7)).neg_elbo)

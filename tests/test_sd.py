@@ -128,6 +128,9 @@ def test_dreambooth_step_with_prior_preservation_through_accelerate(pipe, images
     assert not torch.equal(pipe.text_encoder.get_input_embeddings().weight, text0)  # the text encoder too
     with pytest.raises(ValueError, match="multiples of 2"):
         sd.encode_images(pipe, images[:, :, :63, :63])
+    for bad in (float("nan"), -1.0):  # NaN used to switch prior preservation off silently
+        with pytest.raises(ValueError, match="prior_weight must be a finite number >= 0"):
+            sd.dreambooth_loss(pipe, images, "a sks dog", cls, "a dog", g, prior_weight=bad)
 
 
 def test_quiet_sets_the_loggers_to_errors():

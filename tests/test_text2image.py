@@ -104,3 +104,31 @@ def test_model_generates_with_guidance_and_training_prompts_drop_out():
     prompts = t2i.training_prompts(torch.zeros(2000, dtype=torch.long), torch.ones(2000, 3, dtype=torch.long), g)
     assert abs(sum(p == "" for p in prompts) / 2000 - 0.1) < 0.02
     assert all(p == "" or (p.startswith("a ") and p.endswith("zero") and "thin" not in p) for p in prompts)
+
+
+@torch.no_grad()
+def test_generate_guides_with_the_conditional_branch_weighted_w():
+    """Classifier-free guidance in `generate` pinned without guidance.cfg: this test's own sampler calls the model's
+    two branches directly, eps = eps(x, "") + w (eps(x, prompt) - eps(x, "")), from the same x_T (N(0, I) from
+    the seed), with chapter 05's DDIM. w = 1 is the conditional branch alone, w = 0 the unconditional one; the
+    branches of an untrained model differ by about 0.1, which a swap turns into image differences of order 1, while
+    batching the two branches together (as generate does) changes the images by about 1e-5."""
+    from dlearn import ddim
+
+    torch.manual_seed(0)
+    model = t2i.TextToImage(channels=(16, 32)).eval()
+    prompts = ["a thick three", "a seven", "a slanted one"]
+    cond, uncond = t2i.tokenize(prompts), t2i.tokenize([""] * 3)
+    x_T = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(3))
+
+    def own(w, first, second):
+        def eps(x, t):
+            e_first, e_second = model(x, t, first), model(x, t, second)
+            return e_first + w * (e_second - e_first)
+
+        return ddim.sample(eps, x_T, model.alpha_bar, 4, clip=False, progress=False).clamp(-1, 1)
+
+    for w in (0.0, 1.0, 2.5):
+        got = t2i.generate(model, prompts, guidance_scale=w, steps=4, seed=3, batch_size=2)
+        torch.testing.assert_close(got, own(w, uncond, cond), atol=1e-3, rtol=0)
+        assert (got - own(w, cond, uncond)).abs().max() > 0.5  # the swapped branches: far off
