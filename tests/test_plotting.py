@@ -2,6 +2,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dlearn import datasets, plotting, toys
 
@@ -50,6 +51,12 @@ def test_savefig_writes_into_the_output_folder(tmp_path, monkeypatch):
     ax.plot([0, 1])
     path = plotting.savefig(fig, "00_test")
     assert path == tmp_path / "00_test.png" and path.read_bytes()[:4] == b"\x89PNG"
+    assert plotting.FIG_DPI >= 150  # the house style
+    with Image.open(path) as png:  # the resolution written into the file, and pixels to match it
+        assert png.info["dpi"] == pytest.approx((plotting.FIG_DPI, plotting.FIG_DPI), abs=0.5)
+        assert min(png.size) >= 1.5 * plotting.FIG_DPI  # a 2 x 2 inch figure, trimmed to its content
+    with Image.open(plotting.savefig(fig, "00_test_low", dpi=50)) as png:
+        assert png.info["dpi"] == pytest.approx((50, 50), abs=0.5)
     with pytest.raises(ValueError, match="plain file stem"):
         plotting.savefig(fig, "../escape")
     plt.close(fig)
