@@ -1,4 +1,4 @@
-"""Groundwork for chapter 04: the loss-weight identities and closed-form terms (rows D5, D14-D16, D18, D19, D24)."""
+"""Groundwork for chapter 04: the loss-weight identities and closed-form terms (rows D5, D14-D16, D18, D19, D21, D24)."""
 
 import math
 
@@ -136,6 +136,19 @@ def test_expected_bound_is_the_mean_of_the_sampled_bound(tb2_chain):
     assert (direct.mean() - model.expected_bound(0.9)).abs() < 3 * direct.std() / math.sqrt(len(direct))
 
 
+def test_expected_bound_terms_are_the_means_of_the_sampled_terms(tb2_chain):
+    """Each closed-form term against the Monte Carlo mean of `denoising_terms`' column (reconstruction, t = 2..T)."""
+    model, traj = tb2_chain
+    sampled = model.denoising_terms(traj)  # column 0 reconstruction, 2..T denoising, the prior folded into T
+    exact = model.expected_bound_terms(0.9)
+    assert exact["denoising"].shape == (model.num_steps - 1,) and (exact["denoising"] < 0).all()
+    want = torch.cat([exact["reconstruction"].reshape(1), exact["denoising"]])
+    want[-1] = want[-1] + exact["prior"]
+    got = torch.cat([sampled[:, :1], sampled[:, 2:]], 1)
+    z = (got.mean(0) - want) / (got.std(0) / math.sqrt(len(got)))
+    assert z.abs().max() < 4.5  # 200 columns: a 4.5-SE miss anywhere has probability about 1e-3
+
+
 def test_check_D20_the_learned_schedule_is_monotone():
     for seed in range(100):
         torch.manual_seed(seed)
@@ -169,20 +182,34 @@ def test_the_schedules_return_the_log_snr():
     torch.testing.assert_close(schedules.logsnr(alpha_bar), linear(s), rtol=0, atol=1e-9)
 
 
-def test_check_D21_the_bound_depends_on_the_schedule_only_through_its_endpoints():
-    linear = lambda s: 10 + (-8 - 10) * s  # noqa: E731  log-SNR from 10 down to -8
-    cosine = lambda s: 10 + (-8 - 10) * (1 - torch.cos(math.pi * s / 2))  # noqa: E731  same ends, other path
-    other_end = lambda s: 3 + (-8 - 3) * s  # noqa: E731  a different SNR_max
-    gaps, bounds = [], {}
-    for num_steps in (10, 100, 1000):
-        b = [
-            vdm.GaussianDiffusion1D(schedules.betas_from_logsnr(f, num_steps)).expected_bound(0.9)
-            for f in (linear, cosine, other_end)
-        ]
-        gaps.append((b[0] - b[1]).abs().item())
-        bounds[num_steps] = b
-    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.01
-    assert (bounds[1000][2] - bounds[1000][0]).abs() > 0.02
+def _tb2_continuous_limit(logsnr_min: float, x0: float = 0.9, m0: float = 0.5, s0: float = 0.3) -> float:
+    """The T -> infinity bound of TB2 with the exact-posterior decoder: log p_data(x0) plus the prior's mismatch
+    E_{q(z_1 | x0)}[log N(z_1; 0, 1) - log q(z_1)], which depends on SNR_min alone."""
+    a = torch.sigmoid(torch.tensor(logsnr_min, dtype=torch.float64))
+    log_p_data = -0.5 * math.log(2 * math.pi * s0**2) - (x0 - m0) ** 2 / (2 * s0**2)
+    mean_z, var_z = a.sqrt() * x0, 1 - a  # q(z_1 | x0)
+    mean_q, var_q = a.sqrt() * m0, a * s0**2 + 1 - a  # q(z_1), the data diffused
+    e_log_prior = -0.5 * math.log(2 * math.pi) - 0.5 * (mean_z**2 + var_z)
+    e_log_q = -0.5 * torch.log(2 * math.pi * var_q) - 0.5 * ((mean_z - mean_q) ** 2 + var_z) / var_q
+    return (log_p_data + e_log_prior - e_log_q).item()
+
+
+def test_check_D21_the_bound_depends_on_the_schedule_only_through_snr_min_when_the_decoder_is_exact():
+    paths = {
+        "linear": lambda s: 10 + (-8 - 10) * s,
+        "cosine-shaped, same ends": lambda s: 10 + (-8 - 10) * (1 - torch.cos(math.pi * s / 2)),
+        "another SNR_max": lambda s: 3 + (-8 - 3) * s,
+        "another SNR_min": lambda s: 10 + (-3 - 10) * s,
+    }
+    def bound(f, num_steps):
+        return vdm.GaussianDiffusion1D(schedules.betas_from_logsnr(f, num_steps)).expected_bound(0.9).item()
+
+    bounds = {num_steps: [bound(f, num_steps) for f in paths.values()] for num_steps in (1000, 10_000, 100_000)}
+    limits = [_tb2_continuous_limit(-8.0)] * 3 + [_tb2_continuous_limit(-3.0)]
+    errors = {n: [abs(b - lim) for b, lim in zip(bs, limits, strict=True)] for n, bs in bounds.items()}
+    assert max(errors[100_000]) < 1e-3  # every path converges to its closed-form limit ...
+    assert all(e1 > 5 * e2 for e1, e2 in zip(errors[10_000], errors[100_000], strict=True))  # ... about as 1/T
+    assert limits[3] < limits[0] - 0.01  # another SNR_min converges elsewhere
 
 
 def test_check_D2_variance_preserving_steps(gen):
@@ -269,9 +296,10 @@ def test_check_D13_posterior_by_regression(gen):
 
 def test_check_D17_uniform_t_is_unbiased_for_the_sum(gen):
     model = vdm.GaussianDiffusion1D(torch.linspace(1e-4, 0.05, 200, dtype=torch.float64))
+    exact = model.expected_bound_terms(0.9)
+    exact_sum = exact["denoising"].sum() + exact["prior"]  # no sampling: independent of the draws below
     traj = model.forward_trajectories(0.9, 100_000, gen)
     terms = model.denoising_terms(traj)[:, 2:]  # the T - 1 matching terms (prior folded into the last)
-    exact_sum = terms.mean(0).sum()
     t = torch.randint(0, terms.shape[1], (100_000,), generator=gen)
     draws = terms[torch.arange(100_000), t] * terms.shape[1]
     assert (draws.mean() - exact_sum).abs() < 3 * draws.std() / math.sqrt(len(draws))
