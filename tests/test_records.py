@@ -20,9 +20,14 @@ from dlearn.studies import dreambooth as dreambooth_study
 # --------------------------------------------------------------------------------------------
 
 
-def test_record_V1_larger_latents_give_higher_elbo_on_the_shipped_models():
+def test_record_V1_from_2_to_8_latent_dimensions_beyond_seed_noise_from_8_to_16_within():
+    """Chapter 02 trains each latent size once, so it borrows the noise of its VAE recipe (3 seeds): a difference
+    of two one-seed runs has sqrt(2) times that SD. It ranks 2 against 8 dimensions and calls 8 against 16 noise."""
+    assert all([r["seed"] for r in zoo.info(f"vae_z{k}")["runs"]] == [0] for k in (2, 8, 16))
     neg = {k: zoo.info(f"vae_z{k}")["metrics"]["neg_elbo"] for k in (2, 8, 16)}
-    assert neg[2] > neg[8] > neg[16]
+    yardstick = math.sqrt(2) * zoo.info("vae")["std"]["neg_elbo"]
+    assert neg[2] - neg[8] > 2 * yardstick
+    assert abs(neg[8] - neg[16]) < 2 * yardstick
 
 
 def test_record_the_shipped_vae_has_three_seeds():
@@ -39,10 +44,25 @@ def test_record_the_shipped_vae_has_three_seeds():
 # --------------------------------------------------------------------------------------------
 
 
-def test_record_the_shipped_hvae_beats_the_vae_and_warm_up_helps():
-    assert zoo.info("hvae")["mean"]["neg_iwae_1000"] < zoo.info("vae")["mean"]["neg_iwae_1000"]
-    # without warm-up the bound is worse
-    assert zoo.info("hvae_no_warmup")["metrics"]["neg_iwae_1000"] > zoo.info("hvae")["metrics"]["neg_iwae_1000"]
+def _mean_se(record: dict, key: str) -> tuple[float, float]:
+    values = [r["metrics"][key] for r in record["runs"]]
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def test_record_H6_the_hvae_recipe_beats_the_vae_recipe_which_differs_in_warm_up_too():
+    """Chapter 03: the HVAE recipe (KL warm-up) beats the VAE recipe (none) beyond 2 SE over 3 seeds each; because
+    the recipes differ in warm-up as well as depth, the chapter does not call that depth. On the same schedule
+    without warm-up (one HVAE seed, its SD borrowed from the final recipe's) depth alone is within noise."""
+    hvae, vae, cold = zoo.info("hvae"), zoo.info("vae"), zoo.info("hvae_no_warmup")
+    assert [r["seed"] for r in hvae["runs"]] == [r["seed"] for r in vae["runs"]] == [0, 1, 2]
+    assert vae["recipe_kwargs"].get("warmup_steps", 0) == cold["recipe_kwargs"].get("warmup_steps", 0) == 0
+    assert hvae["recipe_kwargs"]["warmup_steps"] > 0
+    assert hvae["recipe_kwargs"]["max_steps"] == vae["recipe_kwargs"]["max_steps"] == cold["recipe_kwargs"]["max_steps"]
+    (h, h_se), (v, v_se) = _mean_se(hvae, "neg_iwae_1000"), _mean_se(vae, "neg_iwae_1000")
+    assert v - h > 2 * math.hypot(h_se, v_se)
+    same = v - cold["metrics"]["neg_iwae_1000"]
+    assert abs(same) < 2 * math.hypot(v_se, hvae["std"]["neg_iwae_1000"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -230,3 +230,35 @@ def test_each_recipe_hands_the_checkpoint_folder_to_fit(name, tmp_path, monkeypa
     with pytest.raises(_Reached) as reached:
         recipe(seed=0, **kwargs, checkpoint_dir=tmp_path / "run")
     assert reached.value.args == (tmp_path / "run",)
+
+
+def test_the_vae_recipe_warms_up_its_kl_like_the_hvae_recipe(monkeypatch):
+    """`train_vae(warmup_steps=W)` trains on reconstruction + kappa * KL, kappa = min(1, (step + 1) / W) (as
+    `hvae.training_loss`); without warm-up its loss is the plain negative ELBO; a negative W is refused."""
+    from dlearn import vae
+    from dlearn.studies import vae as vae_study
+
+    caught = {}
+
+    def stop(model, loss_fn, data, config, val_fn=None):
+        caught.update(model=model, loss_fn=loss_fn, x=data[0][:16])
+        raise _Reached()
+
+    monkeypatch.setattr(vae_study, "fit", stop)
+    config = zoo.REGISTRY["vae"].config
+
+    def terms_and_loss(warmup_steps, **step):
+        with pytest.raises(_Reached):
+            vae_study.train_vae(seed=0, warmup_steps=warmup_steps, **config)
+        m, x = caught["model"], caught["x"]
+        loss = caught["loss_fn"](m, (x,), torch.Generator().manual_seed(3), **step)
+        return vae.elbo_terms(m, x, torch.Generator().manual_seed(3)), loss
+
+    t, loss = terms_and_loss(0)
+    torch.testing.assert_close(loss, t.neg_elbo.mean())
+    for step, kappa in ((0, 0.1), (4, 0.5), (9, 1.0), (500, 1.0)):
+        t, loss = terms_and_loss(10, step=step)
+        assert t.prior.mean() > 0.01  # the KL term is there to be weighted
+        torch.testing.assert_close(loss, (kappa * t.prior + t.reconstruction).mean())
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        vae_study.train_vae(seed=0, warmup_steps=-1, **config)

@@ -56,6 +56,7 @@ def train_vae(
     max_steps: int = 8000,
     lr: float = 1e-3,
     ema: float | None = 0.999,
+    warmup_steps: int = 0,
     progress: bool | None = None,
     checkpoint_dir: str | Path | None = None,
     **config_kwargs,
@@ -63,7 +64,13 @@ def train_vae(
     """The zoo recipe for a VAE: AdamW on the negative ELBO, cosine learning-rate decay, an exponential
     moving average of the weights, and the checkpoint with the best validation negative ELBO.
 
+    `warmup_steps`: KL warm-up, as chapter 03's HVAE recipe: the loss is reconstruction + kappa * KL, the KL weight
+    kappa rising linearly from 1 / warmup_steps to 1 over the first `warmup_steps` steps (0: the plain negative ELBO
+    throughout). The early-stopping metric is always the true bound (kappa = 1).
+
     `checkpoint_dir`: `fit` checkpoints there, and the same call again resumes the run (`TrainConfig`)."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     x_train, _ = datasets.digits("train")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -72,11 +79,17 @@ def train_vae(
     def loss_fn(m, batch, gen):
         return elbo_terms(m, batch[0], gen).neg_elbo.mean()
 
+    def warmup_loss_fn(m, batch, gen, step):
+        kl_weight = min(1.0, (step + 1) / warmup_steps)  # as dlearn.hvae.training_loss
+        t = elbo_terms(m, batch[0], gen)
+        return (kl_weight * t.prior + t.reconstruction).mean()
+
     cfg = TrainConfig(
         max_steps=max_steps, batch_size=64, lr=lr, lr_schedule="cosine", ema=ema, eval_every=100, seed=seed, progress=progress,
         checkpoint_dir=checkpoint_dir,
     )  # fmt: skip
-    result = fit(model, loss_fn, (x_train,), cfg, val_fn=lambda m: validation_neg_elbo(m, elbo_terms))
+    result = fit(model, warmup_loss_fn if warmup_steps > 0 else loss_fn, (x_train,), cfg,
+                 val_fn=lambda m: validation_neg_elbo(m, elbo_terms))  # fmt: skip
     return model.eval(), result
 
 
