@@ -93,6 +93,14 @@ def _check_entry(entry: dict) -> None:
             raise ValueError(f"anchor must be None or {{'value': number, 'source': str}}, got {anchor!r}")
         if not isinstance(anchor["value"], (int, float)) or not isinstance(anchor["source"], str):
             raise TypeError(f"anchor must hold a number and a source string, got {anchor!r}")
+    n, se = entry.get("n"), entry.get("se")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+        raise ValueError(f"result {entry['name']!r}: n (seeds or draws behind the value) must be an integer >= 1, got {n!r}")
+    if se is not None:
+        if isinstance(se, bool) or not isinstance(se, numbers.Real) or not math.isfinite(se) or se < 0:
+            raise ValueError(f"result {entry['name']!r}: se must be a finite number >= 0, got {se!r}")
+        if n is None or n < 2:
+            raise ValueError(f"result {entry['name']!r}: a standard error needs n >= 2 seeds or draws, got n = {n!r}")
 
 
 def record(
@@ -104,6 +112,8 @@ def record(
     anchor: dict | None = None,
     figure: str | None = None,
     directory: Path | None = None,
+    n: int | None = None,
+    se: float | None = None,
 ) -> dict:
     """Add or replace one headline number and rewrite results.json and results.md.
 
@@ -115,12 +125,16 @@ def record(
         protocol: the split and how it was measured.
         anchor: a published or reference figure to compare with: {"value": ..., "source": ...}.
         figure: the file name of the figure that shows it, in the same folder.
+        n: how many seeds or draws the value is the mean of (1: a single run); give it for a number that is
+            compared or ranked.
+        se: the standard error of that mean (needs n >= 2); the table shows "value ± se (n = ...)".
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"result {name!r} must have a real number as value (tensors: .item()), got {type(value).__name__}")
     entry = {
         "chapter": chapter, "name": name, "value": float(value),
         "unit": unit, "protocol": protocol, "anchor": anchor, "figure": figure,
+        "n": n, "se": None if se is None else float(se),
     }  # fmt: skip
     _check_entry(entry)
     directory = Path(directory or output_dir())
@@ -145,7 +159,12 @@ def to_markdown(entries: list[dict]) -> str:
         for e in (e for e in entries if e["chapter"] == chapter):
             anchor = f"{_fmt(e['anchor']['value'])} ({e['anchor']['source']})" if e.get("anchor") else "-"
             figure = f"[{e['figure']}]({e['figure']})" if e.get("figure") else "-"
-            lines.append(f"| {e['name']} | {_fmt(e['value'])} | {e['unit']} | {e['protocol']} | {anchor} | {figure} |")
+            value = _fmt(e["value"])
+            if e.get("se") is not None:
+                value += f" ± {_fmt(e['se'])} (n = {e['n']})"
+            elif e.get("n") is not None:
+                value += f" (n = {e['n']})"
+            lines.append(f"| {e['name']} | {value} | {e['unit']} | {e['protocol']} | {anchor} | {figure} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -13,7 +13,7 @@ def test_record_writes_json_and_markdown_and_replaces(tmp_path):
     results.record("00_preface", "acc", 0.98, "fraction", "test split", figure="00_x.png", directory=tmp_path)
     entries = json.loads((tmp_path / "results.json").read_text())
     assert [(e["name"], e["value"]) for e in entries] == [("fd", 1.5), ("acc", 0.98)]
-    assert set(entries[0]) == {"chapter", "name", "value", "unit", "protocol", "anchor", "figure"}
+    assert set(entries[0]) == {"chapter", "name", "value", "unit", "protocol", "anchor", "figure", "n", "se"}
     md = (tmp_path / "results.md").read_text()
     assert "## 00_preface" in md and "| acc | 0.98 |" in md and "2 (paper)" in md and "[00_x.png](00_x.png)" in md
 
@@ -179,3 +179,15 @@ def test_study_cli_refuses_a_damaged_file_or_an_unknown_job_before_running_anyth
     with pytest.raises(SystemExit):
         results.study_cli(["study", "nope", "--out", str(out)], "prog", "a study", ["a"], job, out)
     assert ran == []
+
+
+def test_a_compared_number_carries_its_n_and_se(tmp_path):
+    e = results.record("05_ddpm", "fd", 1.87, "FD", "p", directory=tmp_path, n=3, se=0.05)
+    assert (e["n"], e["se"]) == (3, 0.05) and results.load(tmp_path)[0]["se"] == 0.05
+    assert "1.87 ± 0.05 (n = 3)" in (tmp_path / "results.md").read_text()
+    single = results.record("05_ddpm", "fd1", 2.0, "FD", "p", directory=tmp_path, n=1)
+    assert single["se"] is None and "2 (n = 1)" in (tmp_path / "results.md").read_text()
+    for kwargs, match in (({"n": 0}, "n "), ({"n": 2.5}, "n "), ({"n": 3, "se": float("nan")}, "se must"),
+                          ({"n": 3, "se": -1.0}, "se must"), ({"n": 1, "se": 0.1}, "needs n >= 2"), ({"se": 0.1}, "needs n >= 2")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            results.record("05_ddpm", "bad", 1.0, "FD", "p", directory=tmp_path, **kwargs)
