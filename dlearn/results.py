@@ -161,7 +161,7 @@ def to_markdown(entries: list[dict]) -> str:
             figure = f"[{e['figure']}]({e['figure']})" if e.get("figure") else "-"
             value = _fmt(e["value"])
             if e.get("se") is not None:
-                value += f" ± {_fmt(e['se'])} (n = {e['n']})"
+                value += f" ± {e['se']:.2g} (n = {e['n']})"
             elif e.get("n") is not None:
                 value += f" (n = {e['n']})"
             lines.append(f"| {e['name']} | {value} | {e['unit']} | {e['protocol']} | {anchor} | {figure} |")

@@ -277,7 +277,7 @@ class VDM(nn.Module):
     The denoiser outputs logits over the 17 levels of every pixel; adding the exact log-likelihood of z_t
     under each level and normalising gives a posterior over levels whose mean is x0_hat. At small noise
     the likelihood term dominates and x0_hat snaps onto the right level, which plain eps-prediction
-    cannot learn as easily (notebooks/04_vdm.ipynb compares the two).
+    cannot learn as easily (notebooks/04b_vdm_study.ipynb compares the two).
     The decoder p(x | z_0) is the same likelihood, normalised over levels.
 
     Args:

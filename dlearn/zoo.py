@@ -133,6 +133,14 @@ REGISTRY: dict[str, Entry] = {
         {"max_steps": 4000},
         seeds=(0, 1, 2),
     ),
+    "vae_warmup": _latent_model(
+        "vae",
+        "chapter 03's comparison: vae trained with hvae's KL warm-up (1000 steps), so the two differ only in depth",
+        {"latent_channels": 2, "channels": (32, 64), "dropout": 0.0},
+        {"max_steps": 4000, "warmup_steps": 1000},
+        seeds=(0, 1, 2),
+        weights=False,
+    ),
     **{
         f"vae_z{k}": _latent_model(
             "vae",
@@ -203,7 +211,7 @@ REGISTRY: dict[str, Entry] = {
         "chapter 04's comparison: vdm with plain eps-prediction instead of the 17-level denoiser",
         True,
         "eps",
-        seeds=(0,),
+        seeds=(0, 1, 2),
         weights=False,
     ),
     "text2image": Entry(

@@ -116,6 +116,52 @@ def test_check_D10_denoising_form_equals_the_trajectory_bound_and_bounds_log_p(t
     assert direct.mean() < model.exact_log_marginal(0.9)  # a lower bound on the model's exact log-likelihood
 
 
+def _log_normal(x, mean, var):
+    var = torch.as_tensor(var, dtype=torch.float64)
+    return -0.5 * (torch.log(2 * math.pi * var) + (x - mean) ** 2 / var)
+
+
+@pytest.mark.parametrize("x0", [0.2, 0.9])
+def test_the_gap_of_the_bound_is_the_kl_between_the_two_path_distributions(x0):
+    """Jensen's gap, log p(x0) - bound = KL(q(x_1:T | x0) || p_theta(x_1:T | x0)), with both sides Gaussian in T dimensions."""
+    model = vdm.GaussianDiffusion1D(torch.linspace(1e-3, 0.1, 50, dtype=torch.float64), m0=0.5, s0=0.3)
+    T = model.num_steps
+    lin, shift = torch.zeros(T + 1, T + 1, dtype=torch.float64), torch.zeros(T + 1, dtype=torch.float64)
+    lin[T, T] = 1.0  # the model's chain as x = shift + lin @ n, n ~ N(0, I)
+    for t in range(T, 0, -1):
+        offset, var = model.model_step(t, torch.zeros((), dtype=torch.float64))
+        slope = model.model_step(t, torch.ones((), dtype=torch.float64))[0] - offset
+        lin[t - 1], shift[t - 1] = slope * lin[t], slope * shift[t] + offset
+        lin[t - 1, t - 1] = var.sqrt()
+    cov = lin @ lin.T
+    marginal = -0.5 * (math.log(2 * math.pi) + torch.log(cov[0, 0]) + (x0 - shift[0]) ** 2 / cov[0, 0])
+    torch.testing.assert_close(marginal, model.exact_log_marginal(x0), atol=1e-12, rtol=0)
+    mean_p, cov_p = toys.gaussian_condition(shift, cov, [0], torch.tensor([[x0]], dtype=torch.float64))
+    a = model.alpha_bar[1:]
+    s, t = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
+    lo, hi = torch.minimum(s, t), torch.maximum(s, t)
+    cov_q = (a[hi] / a[lo]).sqrt() * (1 - a[lo])  # Cov(x_s, x_t | x0) of the forward chain
+    mvn = torch.distributions.MultivariateNormal
+    kl = torch.distributions.kl_divergence(mvn(a.sqrt() * x0, cov_q), mvn(mean_p[0], cov_p))
+    gap = model.exact_log_marginal(x0) - model.expected_bound(x0)
+    assert gap > 0.01
+    torch.testing.assert_close(kl, gap, atol=1e-9, rtol=0)
+
+
+def test_the_second_derivation_regroups_the_log_ratio_on_every_trajectory(tb2_chain):
+    """Markov, Bayes and telescoping (Luo eqs. 46-58): reconstruction + log p(x_T) / q(x_T | x0) + the posterior
+    log-ratios equal log p(x_0:T) / q(x_1:T | x0) on each trajectory, not just in expectation."""
+    model, traj = tb2_chain
+    x0, T = traj[0, 0].item(), model.num_steps
+    log_q = lambda t, x: _log_normal(x, model.alpha_bar[t].sqrt() * x0, 1 - model.alpha_bar[t])
+    regrouped = _log_normal(traj[:, 0], *model.model_step(1, traj[:, 1]))  # reconstruction
+    regrouped = regrouped + _log_normal(traj[:, -1], 0.0, 1.0) - log_q(T, traj[:, -1])  # prior ratio
+    for t in range(2, T + 1):
+        posterior = _log_normal(traj[:, t - 1], model.q_posterior_mean(t, traj[:, t], x0), model.q_posterior_var(t))
+        regrouped = regrouped + _log_normal(traj[:, t - 1], *model.model_step(t, traj[:, t])) - posterior
+    torch.testing.assert_close(regrouped, model.trajectory_log_ratio(traj), atol=1e-6, rtol=0)
+
+
 def test_exact_log_marginal_by_sampling_the_model():
     model = vdm.GaussianDiffusion1D(torch.linspace(1e-3, 0.2, 30, dtype=torch.float64))
     g = torch.Generator().manual_seed(2)
