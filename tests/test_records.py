@@ -20,14 +20,15 @@ from dlearn.studies import dreambooth as dreambooth_study
 # --------------------------------------------------------------------------------------------
 
 
-def test_record_V1_from_2_to_8_latent_dimensions_beyond_seed_noise_from_8_to_16_within():
-    """Chapter 02 trains each latent size once, so it borrows the noise of its VAE recipe (3 seeds): a difference
-    of two one-seed runs has sqrt(2) times that SD. It ranks 2 against 8 dimensions and calls 8 against 16 noise."""
-    assert all([r["seed"] for r in zoo.info(f"vae_z{k}")["runs"]] == [0] for k in (2, 8, 16))
-    neg = {k: zoo.info(f"vae_z{k}")["metrics"]["neg_elbo"] for k in (2, 8, 16)}
-    yardstick = math.sqrt(2) * zoo.info("vae")["std"]["neg_elbo"]
-    assert neg[2] - neg[8] > 2 * yardstick
-    assert abs(neg[8] - neg[16]) < 2 * yardstick
+def test_record_V10_latent_sizes_are_one_seed_each_of_one_recipe():
+    """Chapter 02 trains each latent size once, with the VAE recipe but another architecture than `vae` (vector
+    latents, dropout), so no seed spread of it is known and the chapter prints the three bounds without ranking
+    them: the records must be one seed each, of one recipe, with finite bounds."""
+    infos = {k: zoo.info(f"vae_z{k}") for k in (2, 8, 16)}
+    assert all([r["seed"] for r in info["runs"]] == [0] for info in infos.values())
+    assert len({info["recipe"] for info in infos.values()}) == 1
+    assert all(math.isfinite(info["metrics"]["neg_elbo"]) for info in infos.values())
+    assert zoo.REGISTRY["vae_z8"].config != zoo.REGISTRY["vae"].config
 
 
 def test_record_the_shipped_vae_has_three_seeds():

@@ -160,9 +160,9 @@ def test_vae_bound_terms_are_costs_that_add_up_to_the_negative_elbo(gen):
     assert (t.reconstruction >= 0).all() and (t.prior >= 0).all() and torch.equal(t.latent, torch.zeros(6))
 
 
-def test_check_V1_the_shipped_vae_z8_re_measures_to_its_record():
-    """V1's ordering of the recorded bounds of the three latent sizes is checked in tests/test_records.py; here one
-    of those records is re-measured from the weights."""
+def test_record_V10_the_shipped_vae_z8_re_measures_to_its_record():
+    """V10's records of the three latent sizes are read in tests/test_records.py; here one of them is re-measured
+    from the weights."""
     from dlearn import zoo
 
     recorded = zoo.info("vae_z8")["metrics"]["neg_elbo"]
