@@ -8,6 +8,7 @@ Retrain one (writes dlearn/weights/<name>.safetensors with its metrics), or re-m
 
     python -m dlearn.zoo train digits_classifier
     python -m dlearn.zoo train text2image --checkpoint-dir runs/text2image   # rerun the same command to resume
+    python -m dlearn.zoo train ddpm_x0 --add-seeds 1 2   # more seeds for the record, the shipped tensors kept
     python -m dlearn.zoo check vdm --full
     python -m dlearn.zoo list
 
@@ -43,7 +44,7 @@ from dlearn.studies import hvae as hvae_study
 from dlearn.studies import text2image as text2image_study
 from dlearn.studies import vae as vae_study
 from dlearn.studies import vdm as vdm_study
-from dlearn.train import WeightsFileError, save_safetensors
+from dlearn.train import WeightsFileError, load_safetensors, save_safetensors
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,10 @@ class Entry:
         description: one line for `zoo list`.
         config: the architecture, passed to both `build` and `recipe`.
         recipe_kwargs: further settings of the recipe only.
-        seeds: the recipe runs once per seed; the first seed's weights ship, and the record holds every
-            seed's metrics with their mean and standard deviation.
+        seeds: the seeds a full retrain (`train NAME`) runs, once each; the first seed's weights ship, and the
+            record holds every seed's metrics with their mean and standard deviation. `add_seeds` can give the
+            record more runs later without retraining the shipped seed, so a record's seeds are `seeds`
+            followed by any added seeds in increasing order (`check` holds it to that).
         tolerance: how far a re-evaluation may move each metric (absolute) before the check fails.
         quick_evaluate: model -> a subset of the metrics, cheap enough for the test suite; `check` uses
             it unless asked for the full evaluation (None: `evaluate` is cheap).
@@ -315,6 +318,7 @@ def check(name: str, full: bool = False) -> dict[str, tuple[float, float]]:
     entry = _entry(name)
     if not entry.weights:
         return _check_record(name, full)
+    _check_summary(name, info(name))  # the runs, mean and std (which `add_seeds` rewrites) agree with each other
     measured = evaluate(name, load(name)) if full or entry.quick_evaluate is None else {
         k: float(v) for k, v in entry.quick_evaluate(load(name)).items()}  # fmt: skip
     recorded = {k: v for k, v in info(name)["metrics"].items() if k in measured or full or entry.quick_evaluate is None}
@@ -334,19 +338,43 @@ def _summary(runs: list[dict]) -> tuple[dict, dict]:
     return mean, std
 
 
+def _seeds_problem(name: str, seeds: list[int]) -> str | None:
+    """Why a record's run seeds break the convention (None if they keep it): the entry's `seeds` (those a full
+    retrain runs, the shipped or headline one first), then any seeds `add_seeds` added, increasing, none twice."""
+    base = list(_entry(name).seeds)
+    added = seeds[len(base) :]
+    if seeds[: len(base)] != base or added != sorted(set(added)) or set(added) & set(base):
+        return (f"the record holds seeds {seeds}; it should hold the entry's seeds {base} followed by any added "
+                "seeds in increasing order (`python -m dlearn.zoo train NAME --add-seeds ...`)")  # fmt: skip
+    return None
+
+
+def _check_summary(name: str, rec: dict) -> dict[str, tuple[float, float]]:
+    """The record's seeds keep the convention (`_seeds_problem`), and its mean and std are those of its runs;
+    returns {"mean k" / "std k": (recorded, recomputed)}."""
+    runs = rec["runs"]
+    problem = _seeds_problem(name, [r["seed"] for r in runs])
+    if problem:
+        raise AssertionError(f"{name}: {problem}")
+    mean, std = _summary(runs)
+    report = {f"mean {k}": (rec["mean"][k], mean[k]) for k in mean} | {f"std {k}": (rec["std"][k], std[k]) for k in std}
+    bad = {k: v for k, v in report.items() if not abs(v[0] - v[1]) <= 1e-9}
+    if bad:
+        raise AssertionError(f"{name}: the record no longer matches its runs (tolerance 1e-9): {bad}")
+    return report
+
+
 def _check_record(name: str, full: bool) -> dict[str, tuple[float, float]]:
-    """An entry that ships its record only. Quick: the record agrees with itself (the first run is the
-    headline, mean and std are those of the runs). Full: retrain every recorded seed and re-measure."""
+    """An entry that ships its record only. Quick: the record agrees with itself (its seeds are the entry's,
+    then any added ones; the first run is the headline; mean and std are those of the runs). Full: retrain
+    every recorded seed, added ones included, and re-measure."""
     entry, rec = _entry(name), info(name)
     runs = rec["runs"]
-    if [r["seed"] for r in runs] != list(entry.seeds):
-        raise AssertionError(f"{name}: the record holds seeds {[r['seed'] for r in runs]}, the entry trains {list(entry.seeds)}")
     if runs[0]["metrics"] != rec["metrics"]:
         raise AssertionError(f"{name}: the record's headline metrics are not those of its first run")
+    summary = _check_summary(name, rec)
     if not full:
-        mean, std = _summary(runs)
-        report = {f"mean {k}": (rec["mean"][k], mean[k]) for k in mean} | {f"std {k}": (rec["std"][k], std[k]) for k in std}
-        tol = 1e-9
+        report, tol = summary, 1e-9
     else:
         report = {}
         for r in runs:
@@ -365,6 +393,9 @@ def train(name: str, seed: int | None = None, save: bool = True, measure: bool =
     write the first run's weights with the metadata of all runs; for an entry that ships its record
     only, write the record. `keep_weights` (for such an entry): train the first seed (or `seed`) and write
     its weights file only, so that `load` works on this machine; the shipped record stays as it is.
+
+    A full retrain runs the entry's `seeds` only: seeds added to the record with `add_seeds` are not kept
+    (add them again). To give a record more seeds without changing its shipped weights, use `add_seeds`.
 
     `checkpoint_dir`: each seed's run checkpoints in `checkpoint_dir/seed<N>/` (`train.fit`'s checkpoints and
     `recipe.json`, the entry and settings that wrote them), and the same call again resumes each run where it
@@ -418,6 +449,80 @@ def train(name: str, seed: int | None = None, save: bool = True, measure: bool =
     return models[0], metadata
 
 
+def add_seeds(name: str, seeds, checkpoint_dir: str | Path | None = None) -> dict:
+    """Train and measure more seeds of the entry's recipe and merge them into its record, leaving what ships
+    of the first seed as it is: a retrain of that seed on another machine would not give its tensors bit for
+    bit, so `train NAME` (every seed again, the file rewritten) cannot grow a record whose weights ship.
+
+    The record's "runs" gain the new seeds (after the entry's seeds, in increasing order; `check` holds
+    records to that), "mean" and "std" are recomputed over all runs (`_summary`), "seeds" is updated where
+    the record stores it, and the rest (the headline seed's metrics, history, best step, versions) stays.
+    Each added run also records the torch threads and versions it was trained with. An entry whose weights
+    ship gets its file rewritten with the same tensors (read and written back, the digest recomputed over
+    them and the new metadata); a record-only entry gets its record in records.json rewritten.
+
+    Args:
+        seeds: the seeds to add; a seed the record already holds, or one given twice, is refused (ValueError).
+        checkpoint_dir: as in `train`: each new seed's run checkpoints in `checkpoint_dir/seed<N>/`, and the
+            same call again resumes it.
+
+    Raises:
+        ValueError: no seeds, a seed already recorded, a record trained with other settings than the
+            entry's (retrain it with `train NAME` instead), a record that does not keep the seed convention,
+            or new runs that measure other metrics than the recorded ones.
+
+    Returns:
+        the new metadata.
+    """
+    entry = _entry(name)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("add_seeds needs at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds given more than once: {sorted({s for s in seeds if seeds.count(s) > 1})}")
+    if entry.weights:
+        file = weights_path(name)
+        tensors, rec = load_safetensors(file, hint=shipped.hint(name), require_digest=True)
+    else:
+        rec = shipped.record(name)
+    have = [r["seed"] for r in rec["runs"]]
+    already = sorted(set(seeds) & set(have))
+    if already:
+        raise ValueError(f"the record of {name} already holds seeds {already} (it holds {have}): add other seeds")
+    problem = _seeds_problem(name, have)
+    if problem:
+        raise ValueError(f"{name}: {problem}; retrain it with `python -m dlearn.zoo train {name}` instead")
+    recipe = f"{entry.recipe.__module__}:{entry.recipe.__name__}"
+
+    def settings(kwargs):
+        return {k: v for k, v in json.loads(json.dumps(kwargs, sort_keys=True)).items() if k != "progress"}
+
+    if rec.get("recipe") != recipe or settings(rec.get("recipe_kwargs", {})) != settings({**entry.config, **entry.recipe_kwargs}):
+        raise ValueError(f"the record of {name} was trained with {rec.get('recipe')} {rec.get('recipe_kwargs')}, the entry "
+                         f"now trains {recipe} {settings({**entry.config, **entry.recipe_kwargs})}: its runs would not be "
+                         f"seeds of one recipe; retrain it with `python -m dlearn.zoo train {name}`")  # fmt: skip
+    keys = set(rec["runs"][0]["metrics"])
+    new = []
+    for s in sorted(seeds):
+        _, meta = train(name, seed=s, save=False, checkpoint_dir=checkpoint_dir)
+        run = meta["runs"][0]
+        if set(run["metrics"]) != keys:
+            raise ValueError(f"seed {s} of {name} measures {sorted(run['metrics'])}, the record {sorted(keys)}: the "
+                             f"entry's evaluate changed; retrain it with `python -m dlearn.zoo train {name}`")  # fmt: skip
+        new.append({**run, "torch_threads": meta["torch_threads"], "versions": meta["versions"]})
+    order = {s: i for i, s in enumerate(entry.seeds)}
+    runs = sorted([*rec["runs"], *new], key=lambda r: (0, order[r["seed"]]) if r["seed"] in order else (1, r["seed"]))
+    mean, std = _summary(runs)
+    metadata = {**rec, "runs": runs, "mean": mean, "std": std}
+    if "seeds" in rec:
+        metadata["seeds"] = [r["seed"] for r in runs]
+    if entry.weights:
+        save_safetensors(file, tensors, metadata)
+    else:
+        shipped.save_record(name, metadata)
+    return metadata
+
+
 def _run_folder(checkpoint_dir: str | Path, name: str, seed: int, kwargs: dict) -> Path:
     """`checkpoint_dir/seed<N>`, holding `recipe.json` (the entry and settings of its checkpoints); refuses a folder
     whose checkpoints another entry or other settings wrote (all but "progress", which does not change the run)."""
@@ -451,6 +556,10 @@ def main(argv: list[str] | None = None) -> None:
         "--keep-weights", action="store_true", help="also write the weights of an entry that ships its record only"
     )
     p_train.add_argument(
+        "--add-seeds", metavar="SEED", type=int, nargs="+", default=None,
+        help="train only these new seeds and add them to the record (runs, mean, std); the shipped weights stay",
+    )  # fmt: skip
+    p_train.add_argument(
         "--checkpoint-dir", metavar="DIR", default=None,
         help="checkpoint each seed's run in DIR/seed<N>/; the same command again resumes where it stopped "
         "(delete DIR to train afresh)",
@@ -469,6 +578,12 @@ def main(argv: list[str] | None = None) -> None:
             except WeightsFileError as exc:
                 status = f"not available: {exc}"
             print(f"{name}: {entry.description}\n    {status}")
+    elif args.command == "train" and args.add_seeds is not None:
+        if args.seed is not None or args.keep_weights:
+            parser.error("--add-seeds goes without --seed and --keep-weights")
+        meta = add_seeds(args.name, args.add_seeds, checkpoint_dir=args.checkpoint_dir)
+        where = weights_path(args.name) if _entry(args.name).weights else shipped.WEIGHTS_DIR / shipped.RECORDS
+        print(f"wrote {where}: seeds {[r['seed'] for r in meta['runs']]}, mean {meta['mean']}, std {meta['std']}")
     elif args.command == "train":
         _, meta = train(args.name, seed=args.seed, keep_weights=args.keep_weights, checkpoint_dir=args.checkpoint_dir)
         keeps_weights = _entry(args.name).weights or args.keep_weights

@@ -262,3 +262,86 @@ def test_the_vae_recipe_warms_up_its_kl_like_the_hvae_recipe(monkeypatch):
         torch.testing.assert_close(loss, (kappa * t.prior + t.reconstruction).mean())
     with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
         vae_study.train_vae(seed=0, warmup_steps=-1, **config)
+
+
+def _stats(runs, key):
+    """Mean and (n - 1) standard deviation of one metric over the runs, computed independently of the registry."""
+    import statistics
+
+    values = [r["metrics"][key] for r in runs]
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def test_add_seeds_grows_the_record_and_keeps_the_shipped_tensors(monkeypatch, tmp_path):
+    """`add_seeds` trains only the new seeds and merges them into the record; the file's tensors stay bit for bit."""
+    import dataclasses
+
+    from dlearn import train as train_module
+
+    _tiny_record_entry(monkeypatch, tmp_path)
+    entry = dataclasses.replace(zoo.REGISTRY["tiny_record"], seeds=(0,), weights=True)
+    monkeypatch.setitem(zoo.REGISTRY, "tiny_weights", entry)
+    zoo.train("tiny_weights")
+    file = tmp_path / "tiny_weights.safetensors"
+    before, old = train_module.load_safetensors(file)
+    meta = zoo.add_seeds("tiny_weights", [2, 1])
+    after, stored = train_module.load_safetensors(file, require_digest=True)  # the digest verifies
+    assert stored == json.loads(json.dumps(meta)) and before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [r["seed"] for r in stored["runs"]] == [0, 1, 2] and stored["runs"][0] == old["runs"][0]
+    for k in ("seed", "metrics", "history", "best_step", "steps", "train_seconds", "versions", "recipe_kwargs"):
+        assert stored[k] == old[k], k  # the shipped seed's metadata is unchanged
+    mean, std = _stats(stored["runs"], "val_accuracy")
+    assert stored["mean"]["val_accuracy"] == pytest.approx(mean) and stored["std"]["val_accuracy"] == pytest.approx(std)
+    assert len({r["metrics"]["val_accuracy"] for r in stored["runs"]}) > 1  # the seeds differ, so std is tested
+    zoo.check("tiny_weights")  # the grown record keeps the convention, and the weights still reach their metrics
+    with pytest.raises(ValueError, match=r"already holds seeds \[1\]"):
+        zoo.add_seeds("tiny_weights", [1, 3])
+    assert train_module.load_safetensors(file)[1] == stored  # refused before anything was trained or written
+    with pytest.raises(ValueError, match="more than once"):
+        zoo.add_seeds("tiny_weights", [4, 4])
+    monkeypatch.setitem(zoo.REGISTRY, "tiny_weights", dataclasses.replace(entry, recipe_kwargs={"max_steps": 20}))
+    with pytest.raises(ValueError, match="trained with .* retrain it"):
+        zoo.add_seeds("tiny_weights", [3])  # runs of another recipe would not be seeds of one
+
+
+def test_add_seeds_to_a_record_only_entry_and_check_holds_the_seed_convention(monkeypatch, tmp_path):
+    import dataclasses
+
+    _tiny_record_entry(monkeypatch, tmp_path)
+    _, old = zoo.train("tiny_record")
+    old = json.loads(json.dumps(old))
+    meta = zoo.add_seeds("tiny_record", [3])
+    assert not (tmp_path / "tiny_record.safetensors").exists()  # still the record only
+    rec = zoo.info("tiny_record")
+    assert rec == json.loads(json.dumps(meta)) and [r["seed"] for r in rec["runs"]] == [0, 1, 3]
+    assert rec["runs"][:2] == old["runs"] and rec["metrics"] == old["metrics"] and rec["history"] == old["history"]
+    mean, std = _stats(rec["runs"], "val_accuracy")
+    assert rec["mean"]["val_accuracy"] == pytest.approx(mean) and rec["std"]["val_accuracy"] == pytest.approx(std)
+    assert zoo.check("tiny_record")["mean val_accuracy"][0] == pytest.approx(mean)
+    with pytest.raises(ValueError, match=r"already holds seeds \[0\]"):
+        zoo.add_seeds("tiny_record", [0])
+    # the record's seeds must start with the entry's (those a full retrain runs), then the added ones, increasing
+    monkeypatch.setitem(zoo.REGISTRY, "tiny_record", dataclasses.replace(zoo.REGISTRY["tiny_record"], seeds=(0, 1, 2)))
+    with pytest.raises(AssertionError, match=r"holds seeds \[0, 1, 3\].*entry's seeds \[0, 1, 2\]"):
+        zoo.check("tiny_record")
+    with pytest.raises(ValueError, match="entry's seeds"):
+        zoo.add_seeds("tiny_record", [5])
+
+
+def test_the_cli_passes_added_seeds_down(monkeypatch, tmp_path, capsys):
+    got = {}
+
+    def fake_add_seeds(name, seeds, checkpoint_dir=None):
+        got.update(name=name, seeds=seeds, checkpoint_dir=checkpoint_dir)
+        return {"runs": [{"seed": s} for s in (0, *seeds)], "mean": {}, "std": {}}
+
+    monkeypatch.setattr(zoo, "add_seeds", fake_add_seeds)
+    monkeypatch.setattr(zoo, "train", lambda *a, **k: pytest.fail("--add-seeds must not retrain the entry"))
+    zoo.main(["train", "ddpm_x0", "--add-seeds", "1", "2", "--checkpoint-dir", str(tmp_path)])
+    assert got == {"name": "ddpm_x0", "seeds": [1, 2], "checkpoint_dir": str(tmp_path)}
+    assert "seeds [0, 1, 2]" in capsys.readouterr().out
+    zoo.main(["train", "ddpm_x0", "--add-seeds", "3"])
+    assert got == {"name": "ddpm_x0", "seeds": [3], "checkpoint_dir": None}
+    with pytest.raises(SystemExit):
+        zoo.main(["train", "ddpm_x0", "--add-seeds", "3", "--seed", "1"])
