@@ -58,17 +58,21 @@ def _restore_advice(path: Path) -> str:
 def load(directory: Path | None = None) -> list[dict]:
     """All recorded entries (an empty list if nothing was recorded yet)."""
     path = Path(directory or output_dir()) / RESULTS_JSON
+    return _read_json(path, list, "a list of entries", _restore_advice(path))
+
+
+def _read_json(path: Path, kind: type, what: str, advice: str):
+    """The JSON value of type `kind` in `path` (empty if there is no file), or a ValueError that names the file,
+    says it is damaged and how to restore it (`advice`): never advice to delete it."""
     if not path.exists():
-        return []
+        return kind()
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is damaged: it is not valid JSON ({exc}); {_restore_advice(path)}") from exc
-    if not isinstance(entries, list):
-        raise ValueError(
-            f"{path} is damaged: it must hold a list of entries, got {type(entries).__name__}; {_restore_advice(path)}"
-        )
-    return entries
+        raise ValueError(f"{path} is damaged: it is not valid JSON ({exc}); {advice}") from exc
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} is damaged: it should hold {what}, got {type(value).__name__}; {advice}")
+    return value
 
 
 def write_markdown(directory: Path | None = None) -> list[dict]:
@@ -184,16 +188,8 @@ def load_study(path: Path, command: str) -> dict:
 
 def _read_study(path: Path, command: str) -> dict:
     """The {job: result} object in `path` ({} if there is no file), or a ValueError naming the file and the fix."""
-    if not path.exists():
-        return {}
     advice = f"restore it with `git checkout -- {path}` or recreate it with `{command}`"
-    try:
-        done = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is damaged: it is not valid JSON ({exc}); {advice}") from exc
-    if not isinstance(done, dict):
-        raise ValueError(f"{path} is damaged: it should hold a JSON object {{job: result}}, got {type(done).__name__}; {advice}")
-    return done
+    return _read_json(path, dict, "a JSON object {job: result}", advice)
 
 
 def study_cli(argv: list[str] | None, prog: str, description: str, jobs, run_job, default_path: Path) -> None:

@@ -15,13 +15,12 @@ is the registry's business (`dlearn.zoo`), which stands after the studies in the
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dlearn import fileio
 from dlearn.train import WeightsFileError, load_safetensors, load_state_into
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -79,17 +78,10 @@ def record(name: str) -> dict:
 
 
 def save_record(name: str, metadata: dict) -> None:
-    """Write (or replace) the record of `name`, atomically: a crash leaves the previous file whole."""
+    """Write (or replace) the record of `name`, atomically and under the records file's lock (`dlearn.fileio`):
+    a crash leaves the previous file whole, and two writers keep each other's records."""
     path(name)  # validates the name
-    found = records()
-    found[name] = metadata
-    WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=WEIGHTS_DIR, prefix=".records-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(dict(sorted(found.items())), indent=1, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the records are package data
-        os.replace(tmp, WEIGHTS_DIR / RECORDS)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with fileio.locked(WEIGHTS_DIR / RECORDS):
+        found = records()
+        found[name] = metadata
+        fileio.write_text(WEIGHTS_DIR / RECORDS, json.dumps(dict(sorted(found.items())), indent=1, sort_keys=True) + "\n")

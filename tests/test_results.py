@@ -187,7 +187,8 @@ def test_a_compared_number_carries_its_n_and_se(tmp_path):
     assert "1.87 ± 0.05 (n = 3)" in (tmp_path / "results.md").read_text()
     single = results.record("05_ddpm", "fd1", 2.0, "FD", "p", directory=tmp_path, n=1)
     assert single["se"] is None and "2 (n = 1)" in (tmp_path / "results.md").read_text()
-    for kwargs, match in (({"n": 0}, "n "), ({"n": 2.5}, "n "), ({"n": 3, "se": float("nan")}, "se must"),
-                          ({"n": 3, "se": -1.0}, "se must"), ({"n": 1, "se": 0.1}, "needs n >= 2"), ({"se": 0.1}, "needs n >= 2")):  # fmt: skip
+    bad = [({"n": 0}, "n "), ({"n": 2.5}, "n "), ({"n": 3, "se": float("nan")}, "se must"), ({"n": 3, "se": -1.0}, "se must"),
+           ({"n": 1, "se": 0.1}, "needs n >= 2"), ({"se": 0.1}, "needs n >= 2")]  # fmt: skip
+    for kwargs, match in bad:
         with pytest.raises(ValueError, match=match):
             results.record("05_ddpm", "bad", 1.0, "FD", "p", directory=tmp_path, **kwargs)
