@@ -83,19 +83,18 @@ def _mean_se(record: dict, key: str) -> tuple[float, float]:
 
 
 def test_record_H6_the_hvae_recipe_beats_the_vae_recipe_which_differs_in_warm_up_too():
-    """Chapter 03: the HVAE recipe (KL warm-up) beats the VAE recipe (none) beyond 2 SE over 3 seeds each; because
-    the recipes differ in warm-up as well as depth, the chapter does not call that depth. On the same schedule
-    without warm-up (one HVAE seed, its SD borrowed from the final recipe's) depth alone is within noise. (Over at
-    least 3 seeds each: the records may hold seeds added with `zoo train NAME --add-seeds`.)"""
+    """Chapter 03: the HVAE recipe (KL warm-up) beats the VAE recipe (none) beyond 2 SE over 3 seeds each (H6); because
+    the recipes differ in warm-up as well as in the second level, the chapter does not call that depth. On the same
+    schedule without warm-up (3 seeds each, independent means) the two-level model and the VAE are within noise (H11).
+    (Over at least 3 seeds each: the records may hold seeds added with `zoo train NAME --add-seeds`.)"""
     hvae, vae, cold = zoo.info("hvae"), zoo.info("vae"), zoo.info("hvae_no_warmup")
-    assert _seeds("hvae")[:3] == _seeds("vae")[:3] == [0, 1, 2]
+    assert _seeds("hvae")[:3] == _seeds("vae")[:3] == _seeds("hvae_no_warmup")[:3] == [0, 1, 2]
     assert vae["recipe_kwargs"].get("warmup_steps", 0) == cold["recipe_kwargs"].get("warmup_steps", 0) == 0
     assert hvae["recipe_kwargs"]["warmup_steps"] > 0
     assert hvae["recipe_kwargs"]["max_steps"] == vae["recipe_kwargs"]["max_steps"] == cold["recipe_kwargs"]["max_steps"]
-    (h, h_se), (v, v_se) = _mean_se(hvae, "neg_iwae_1000"), _mean_se(vae, "neg_iwae_1000")
+    (h, h_se), (v, v_se), (c, c_se) = (_mean_se(r, "neg_iwae_1000") for r in (hvae, vae, cold))
     assert v - h > 2 * math.hypot(h_se, v_se)
-    same = v - cold["metrics"]["neg_iwae_1000"]
-    assert abs(same) < 2 * math.hypot(v_se, hvae["std"]["neg_iwae_1000"])
+    assert abs(v - c) < 2 * math.hypot(v_se, c_se)
 
 
 # --------------------------------------------------------------------------------------------
