@@ -138,7 +138,8 @@ REGISTRY: dict[str, Entry] = {
     ),
     "vae_warmup": _latent_model(
         "vae",
-        "chapter 03's comparison: vae trained with hvae's KL warm-up (1000 steps), so the two differ only in depth",
+        "chapter 03's comparison: vae trained with hvae's KL warm-up (1000 steps), so the two share one schedule "
+        "(the HVAE also has 8 more latent numbers and a learned prior)",
         {"latent_channels": 2, "channels": (32, 64), "dropout": 0.0},
         {"max_steps": 4000, "warmup_steps": 1000},
         seeds=(0, 1, 2),
@@ -147,7 +148,7 @@ REGISTRY: dict[str, Entry] = {
     **{
         f"vae_z{k}": _latent_model(
             "vae",
-            f"chapter 02's VAE with a {k}-dimensional latent vector (latent size study, latent map)",
+            f"chapter 02's VAE with a {k}-dimensional latent vector (study 02b: latent size, latent map)",
             {"latent_dim": k, "channels": (16, 32), "hidden": 128, "dropout": 0.1},
             {"max_steps": 4000},
         )
@@ -202,10 +203,11 @@ REGISTRY: dict[str, Entry] = {
         build=diffusion.build_ddpm,
         recipe=diffusion_study.train_ddpm,
         evaluate=diffusion_study.class_protocol_metrics,
-        description="chapter 05's class-conditional DDPM (eps, L_simple), 3000 steps; sampled with the train "
-        "split's class proportions: FD, memorisation, bound given the label; 3 seeds",
+        description="chapter 05's class-conditional DDPM (eps, L_simple), the unconditional DDPM's budget and rule (6000 "
+        "steps, the best validation FD); sampled with the train split's class proportions: FD, memorisation, bound "
+        "given the label; 3 seeds",
         config={"prediction_type": "eps", "channels": (32, 64), "dropout": 0.1, "num_classes": 10},
-        recipe_kwargs={"max_steps": 3000, "eval_every": 500},
+        recipe_kwargs={"max_steps": 6000, "eval_every": 1000},
         seeds=(0, 1, 2),
         tolerance=0.05,
         quick_evaluate=diffusion_study.quick_metrics,
