@@ -39,7 +39,7 @@ def test_record_V10_latent_sizes_have_three_seeds_of_one_recipe_and_rank_as_02b_
     recipe, with mean and std matching their runs, and the ranking 02b asserts (a larger latent, a lower bound)
     must hold for the records by that rule."""
     infos = {k: zoo.info(f"vae_z{k}") for k in (2, 8, 16)}
-    assert all([r["seed"] for r in info["runs"]] == [0, 1, 2] for info in infos.values())
+    assert all([r["seed"] for r in info["runs"]][:3] == [0, 1, 2] for info in infos.values())  # `--add-seeds` may add more
     assert len({info["recipe"] for info in infos.values()}) == 1
     assert zoo.REGISTRY["vae_z8"].config != zoo.REGISTRY["vae"].config
     stats = {}
@@ -48,6 +48,7 @@ def test_record_V10_latent_sizes_have_three_seeds_of_one_recipe_and_rank_as_02b_
             values = torch.tensor([r["metrics"][key] for r in info["runs"]], dtype=torch.float64)
             assert torch.isfinite(values).all()
             assert info["mean"][key] == pytest.approx(values.mean().item())
+            assert info["std"][key] == pytest.approx(values.std().item(), rel=1e-6)
             stats[k, key] = (values.mean().item(), values.std().item() / math.sqrt(len(values)))
     for small, large in ((2, 8), (8, 16)):
         for key in ("neg_elbo", "neg_iwae_1000"):
