@@ -247,13 +247,27 @@ def generate(model: TextToImage, prompts: list[str], guidance_scale: float = 2.0
     eps = (1 - w) eps(x, "") + w eps(x, prompt); w = 1 is the plain conditional model.
 
     The sampler does not clip x0_hat (diffusers' `clip_sample` clips it without recomputing eps, and with
-    guidance that inconsistency compounds: at w = 2 and 50 steps it cut class accuracy from 1.00 to 0.45);
-    the images are clamped to [-1, 1] at the end instead.
+    guidance that inconsistency compounds: chapter 07 measures what it costs in class accuracy at w = 2 and
+    50 steps); the images are clamped to [-1, 1] at the end instead. This is `generate_raw(...).clamp(-1, 1)`.
 
     `prompts` is a non-empty list of strings, one per image (a bare string is a TypeError, not one image per letter).
     """
+    return generate_raw(model, prompts, guidance_scale, steps, seed, batch_size).clamp(-1, 1)
+
+
+@torch.no_grad()
+def generate_raw(model: TextToImage, prompts: list[str], guidance_scale: float = 2.0, steps: int = 50, seed: int = 0,
+                 batch_size: int = 512, clip: bool = False) -> torch.Tensor:  # fmt: skip
+    """`generate`'s samples before the final clamp to [-1, 1]: what the sampler itself produced, so that values
+    outside the data's range (chapter 07's oversaturation measure) can be counted.
+
+    `clip=True` clips x0_hat to [-1, 1] at every step while keeping eps_hat, as diffusers' DDIM `clip_sample`
+    does (chapter 07's trap); the default, False, is `generate`'s sampler.
+    """
     string_list("prompts", prompts)
     finite_number("guidance_scale", guidance_scale)
+    if not isinstance(clip, bool):
+        raise TypeError(f"clip must be a bool, got {type(clip).__name__}")
     ids = tokenize(prompts)
     empty = tokenize([""]).expand(len(prompts), -1)
     g = torch.Generator().manual_seed(seed)
@@ -272,7 +286,7 @@ def generate(model: TextToImage, prompts: list[str], guidance_scale: float = 2.0
                 both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([u, c]))
                 return guidance.cfg(*both.chunk(2), guidance_scale)
 
-            out.append(ddim.sample(eps, x_T[i : i + batch_size], model.alpha_bar, steps, clip=False, progress=False).clamp(-1, 1))
+            out.append(ddim.sample(eps, x_T[i : i + batch_size], model.alpha_bar, steps, clip=clip, progress=False))
     finally:
         model.train(was)
     return torch.cat(out)

@@ -132,3 +132,35 @@ def test_generate_guides_with_the_conditional_branch_weighted_w():
         got = t2i.generate(model, prompts, guidance_scale=w, steps=4, seed=3, batch_size=2)
         torch.testing.assert_close(got, own(w, uncond, cond), atol=1e-3, rtol=0)
         assert (got - own(w, cond, uncond)).abs().max() > 0.5  # the swapped branches: far off
+
+
+@torch.no_grad()
+def test_generate_raw_is_generate_before_the_clamp_and_clips_x0_only_when_asked():
+    """Oracle: this test's own DDIM loop with the model's two branches (chapter 05's `ddim.sample`, with and without
+    x0 clipping); `generate` is `generate_raw` clamped to [-1, 1], bit for bit."""
+    from dlearn import ddim, guidance
+
+    torch.manual_seed(0)
+    model = t2i.TextToImage(channels=(16, 32)).eval()
+    prompts = ["a thick three", "a seven", ""]
+    cond, uncond = t2i.tokenize(prompts), t2i.tokenize([""] * 3)
+    x_T = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(5))
+
+    def own(w, clip):
+        def eps(x, t):
+            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]))
+            return guidance.cfg(*both.chunk(2), w)
+
+        return ddim.sample(eps, x_T, model.alpha_bar, 4, clip=clip, progress=False)
+
+    for w in (2.0, 6.0):
+        raw = t2i.generate_raw(model, prompts, w, steps=4, seed=5)
+        torch.testing.assert_close(raw, own(w, False), atol=1e-5, rtol=0)
+        assert torch.equal(t2i.generate(model, prompts, w, steps=4, seed=5), raw.clamp(-1, 1))
+        clipped = t2i.generate_raw(model, prompts, w, steps=4, seed=5, clip=True)
+        torch.testing.assert_close(clipped, own(w, True), atol=1e-5, rtol=0)
+        assert (clipped - raw).abs().max() > 1e-3  # the clipping does change the samples of an untrained model
+    with pytest.raises(TypeError, match="clip must be a bool"):
+        t2i.generate_raw(model, prompts, 2.0, steps=2, clip="yes")
+    with pytest.raises(TypeError):
+        t2i.generate_raw(model, "a three", 2.0, steps=2)
