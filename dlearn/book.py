@@ -180,6 +180,7 @@ def run_book(
 #     assert ok  # check E3 (each holds with probability 0.997)
 #     assert ok  # checks C13-C15        assert ok  # check P6, check P9      assert ok  # check B7 and B9: ...
 #     x = zoo.info("vae")["elbo"]  # record V1: the shipped VAE's ELBO
+#     assert err < 1e-12  # identity check G1: true by linearity (the same as "check G1 (identity)")
 # and names the label in its prose, "(D21)" in a heading or a bold lead-in. The index lists every label
 # with its one-line claim, where it is checked, and the evidence the executed cell printed.
 
@@ -209,6 +210,9 @@ def parse_label_comment(comment: str, on_assert: bool = True) -> dict | None:
     """Read a claim comment ("check D21: ...", "checks C13-C15", "record V1: ...", on an assert line also
     "C5 on ..."): {"kind", "labels", "qualifiers" (label -> its parenthesis), "text"}; None if it is none."""
     s = comment.lstrip("#").strip()
+    identity = re.match(r"(?i)identity\s+(?=checks?\b)", s)  # "identity check G1": "check G1 (identity)"
+    if identity:
+        s = s[identity.end() :]
     m = _KEYWORD.match(s)
     if m:
         kind = "record" if m.group(1).lower().startswith("record") else "check"
@@ -241,6 +245,8 @@ def parse_label_comment(comment: str, on_assert: bool = True) -> dict | None:
     text = s[pos:].strip().lstrip(":;,.-–— ").strip()
     if not labels and not (kind == "record" and s.lstrip().startswith(":")):
         return None  # "# check that ..." is prose, not a label; an unlabelled record needs its colon
+    if identity:
+        qualifiers = {label: qualifiers.get(label, "identity") for label in labels}
     if any(q.lower().startswith("record") for q in qualifiers.values()):
         kind = "record"  # "check V1 (record): ..."
         qualifiers = {k: q for k, q in qualifiers.items() if q.lower() != "record"}

@@ -157,6 +157,11 @@ def test_parse_label_comment_variants():
     assert parse("# check P6, check P9")["labels"] == ["P6", "P9"]
     both = parse("# check C14 (identity) and C15 (weights)")
     assert both["labels"] == ["C14", "C15"] and both["qualifiers"] == {"C14": "identity", "C15": "weights"}
+    assert parse("# identity check G1: linear") == {
+        "kind": "check", "labels": ["G1"], "qualifiers": {"G1": "identity"}, "text": "linear"
+    }  # fmt: skip
+    assert parse("# identity checks S6, S10")["qualifiers"] == {"S6": "identity", "S10": "identity"}
+    assert parse("# identity of the two forms") is None
     assert parse("# check D25 (empirical): eps beats x0")["text"] == "eps beats x0"
     assert parse("# check B8, as measured: the opposite")["text"] == "as measured: the opposite"
     assert parse("# check V1 (record): the shipped ELBO")["kind"] == "record"
