@@ -74,3 +74,15 @@ def string_list(name: str, values) -> None:
     bad = [v for v in values if not isinstance(v, str)]
     if bad:
         raise TypeError(f"{name} should hold strings only, got {type(bad[0]).__name__} {bad[0]!r}")
+
+
+def weights_fingerprint(*tensors_or_modules) -> str:
+    """A hash of parameters and tensors (N8: null-text inversion changes neither the model nor the condition)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for obj in tensors_or_modules:
+        items = obj.state_dict().items() if hasattr(obj, "state_dict") else [("", obj)]
+        for k, v in items:
+            h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

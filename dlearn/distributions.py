@@ -237,3 +237,15 @@ def bits_per_dim_to_nats(bpd: torch.Tensor | float, num_dims: int) -> torch.Tens
     if num_dims <= 0:
         raise ValueError(f"num_dims must be a positive number of dimensions, got {num_dims}")
     return bpd * num_dims * math.log(2)
+
+
+def quantise(x: torch.Tensor, step: float) -> torch.Tensor:
+    """N13's lossy "autoencoder" for the toy: round to a grid of `step`."""
+    if step <= 0:
+        raise ValueError(f"step must be positive, got {step}")
+    return torch.round(x / step) * step
+
+
+def expected_quantisation_mse(step: float) -> float:
+    """The MSE of rounding a smooth density to a grid of `step`: step^2 / 12 per coordinate."""
+    return step**2 / 12 if step > 0 else math.nan

@@ -5,7 +5,9 @@ To edit a real image with a text-to-image model we first need noise (and conditi
 without guidance (w = 1) its error shrinks with the step size, with classifier-free guidance (w > 1) it does not.
 Null-text inversion keeps the w = 1 inversion's trajectory as *pivots* and, step by step from T down, optimises only
 the unconditional ("null") embedding so that one guided step from the current point lands on the next pivot. The
-model and the conditional embedding never change, so editing the prompt afterwards still works.
+model and the conditional embedding never change, so editing the prompt afterwards still works. Negative-prompt
+inversion (Miyake et al. 2023, `negative_prompt_edit`) skips the optimisation: the source prompt's embedding is the
+null at every step, which makes the guided reconstruction the w = 1 one exactly.
 
 Two worlds share the code (a `World` gives the two noise predictions and the null embedding to start from):
 
@@ -22,10 +24,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dlearn import ddim, guidance
+from dlearn import checks, ddim, distributions, guidance
 from dlearn.checks import finite_number, finite_tensor, number_in, string_list, values_in
 from dlearn.schedules import inference_timesteps
 from dlearn.text2image import tokenize
+
+# kept here for chapters 10-11: N8 (nothing but the null changes) and N13 (a lossy "encoder")
+weights_fingerprint = checks.weights_fingerprint
+quantise, expected_quantisation_mse = distributions.quantise, distributions.expected_quantisation_mse
 
 # --------------------------------------------------------------------------------------------
 # N1: the reconstruction metric; N2: the DDIM step in the paper's notation
@@ -348,35 +354,14 @@ def global_embedding_optimisation(world, inv: Inversion, guidance_scale: float =
     return _restricted(init, u, bound).detach()
 
 
-def weights_fingerprint(*tensors_or_modules) -> str:
-    """A hash of parameters and tensors (N8: null-text inversion changes neither the model nor the condition)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for obj in tensors_or_modules:
-        items = obj.state_dict().items() if hasattr(obj, "state_dict") else [("", obj)]
-        for k, v in items:
-            h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def quantise(x: torch.Tensor, step: float) -> torch.Tensor:
-    """N13's lossy "autoencoder" for the toy: round to a grid of `step`."""
-    if step <= 0:
-        raise ValueError(f"step must be positive, got {step}")
-    return torch.round(x / step) * step
-
-
-def expected_quantisation_mse(step: float) -> float:
-    """The MSE of rounding a smooth density to a grid of `step`: step^2 / 12 per coordinate."""
-    return step**2 / 12 if step > 0 else math.nan
-
-
 # --------------------------------------------------------------------------------------------
 # Real digits with the text-to-image model: invert, then edit the prompt
 # --------------------------------------------------------------------------------------------
 
-GUIDED_SCALE = 4.0  # the text-to-image model's largest evaluated scale (chapter 07), our stand-in for SD's 7.5
+# The text-to-image model's most prompt-faithful evaluated scale: chapter 07 measured attribute accuracy rising with w
+# over its scales 1, 2, 4 (the zoo record's `attribute_accuracy_w*`, printed in chapter 10), and an edit is only as
+# good as the model's obedience to the edited word. It plays the role of SD's 7.5.
+GUIDED_SCALE = 4.0
 
 
 def invert_images(model, images: torch.Tensor, prompts: list[str], steps: int = 50, guidance_scale: float = GUIDED_SCALE,
@@ -400,3 +385,33 @@ def edit(world: TextWorld, inv: Inversion, prompts: list[str]) -> torch.Tensor:
         raise ValueError(f"one prompt per inverted image: got {len(prompts)} for {inv.pivots[0].shape[0]}")
     edited = world.with_prompts(prompts)
     return reconstruct(edited, inv, inv.guidance_scale, cond=edited.cond_init(len(prompts))).clamp(-1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Negative-prompt inversion (Miyake et al. 2023), and the small statistics chapter 10 ranks with
+# --------------------------------------------------------------------------------------------
+
+
+def negative_prompt_edit(world, inv: Inversion, guidance_scale: float, prompts: list[str] | None = None) -> torch.Tensor:
+    """Negative-prompt inversion (Miyake et al. 2023): sample back from the w = 1 inversion's z_T with the *source*
+    prompt's embedding as the negative (null) embedding at every step and `prompts` (default: the source prompts)
+    as the positive one. With the source prompt on both sides CFG is eps_c, the w = 1 sampler: the reconstruction is
+    the w = 1 DDIM reconstruction exactly, with no optimisation. Not clamped (compare `edit`)."""
+    finite_number("guidance_scale", guidance_scale)
+    n = inv.pivots[0].shape[0]
+    source = world.cond_init(n)
+    if prompts is None:
+        return reconstruct(world, inv, guidance_scale, cond=source, nulls=source)
+    string_list("prompts", prompts)
+    if len(prompts) != n:
+        raise ValueError(f"one prompt per inverted image: got {len(prompts)} for {n}")
+    target = world.with_prompts(prompts)
+    return reconstruct(target, inv, guidance_scale, cond=target.cond_init(n), nulls=source)
+
+
+def subset(inv: Inversion, index) -> Inversion:
+    """The inversion of some images of a batch (an index or slice into the batch): their pivots and, if optimised,
+    their nulls; `stats` are the batch's and are dropped."""
+    pick = (lambda e: e[index : index + 1]) if isinstance(index, int) else (lambda e: e[index])
+    nulls = None if inv.nulls is None else [pick(e) for e in inv.nulls]
+    return Inversion([pick(z) for z in inv.pivots], list(inv.timesteps), inv.guidance_scale, nulls)

@@ -9,6 +9,8 @@ It is trained by `dlearn.studies.classifier.train_classifier` and shipped as "di
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -199,3 +201,23 @@ def iou(mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
     inter = (mask_a & mask_b).reshape(mask_a.shape[0], -1).sum(1).double()
     union = (mask_a | mask_b).reshape(mask_a.shape[0], -1).sum(1).double()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error (sample std with n - 1, over sqrt(n)) of per-image (or per-seed) values."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if len(v) < 2:
+        raise ValueError(f"a standard error needs at least 2 values, got {len(v)}")
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError("values must be finite")
+    return v.mean().item(), (v.std() / math.sqrt(len(v))).item()
+
+
+def paired_rank(a, b) -> tuple[float, float, str]:
+    """The paired difference a - b over the same images: (mean, SE, verdict), the verdict "lower" or "higher" only
+    when |mean| > 2 SE, else "within noise"."""
+    a, b = torch.as_tensor(a, dtype=torch.float64).flatten(), torch.as_tensor(b, dtype=torch.float64).flatten()
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same images: got {len(a)} and {len(b)}")
+    m, se = mean_se(a - b)
+    return m, se, ("lower" if m < 0 else "higher") if abs(m) > 2 * se else "within noise"

@@ -101,3 +101,15 @@ def test_energy_distance(gen):
     assert one_d == pytest.approx(expected, abs=0.05)
     with pytest.raises(ValueError, match="one dimension"):
         metrics.energy_distance(a, c[:, :1])
+
+
+def test_mean_se_and_paired_rank():
+    m, se = metrics.mean_se([1.0, 2.0, 3.0, 4.0])
+    assert m == 2.5 and se == pytest.approx((5 / 3) ** 0.5 / 2)  # sample variance 5/3, n = 4
+    assert metrics.paired_rank([1.0, 2.0, 3.0], [1.1, 2.1, 3.2])[2] == "lower"  # differences -0.1, -0.1, -0.2
+    assert metrics.paired_rank([3.0, 2.0, 1.0], [1.0, 2.0, 3.0])[2] == "within noise"  # mean 0
+    assert metrics.paired_rank([2.0, 3.0, 4.0], [1.0, 1.0, 1.0])[:2] == pytest.approx((2.0, 3**-0.5))
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.mean_se([1.0])
+    with pytest.raises(ValueError, match="same images"):
+        metrics.paired_rank([1.0, 2.0], [1.0, 2.0, 3.0])
