@@ -191,6 +191,41 @@ def diversity(images: torch.Tensor, classifier=None, centre: torch.Tensor | None
     return 1.0 - feature_similarity(images, images, classifier, centre, exclude_diagonal=True)
 
 
+def unseen_pool(subject: Subject, k: int = 6, seed: int = 0, classifier=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation and test digits of the subject's class except its training `images`, and whether each lies in
+    the subject's style cluster (`make_subject`'s k-means; pass the same `k` and `seed`).
+
+    Returns:
+        images (N, 1, 8, 8) in [-1, 1] and a bool mask (N,): True for the subject's other images (its `held_out`).
+    """
+    clf = metrics.shipped_classifier() if classifier is None else classifier
+    km, _, _ = style_clusters(subject.label, k, seed, clf)
+    xs, ys = zip(*(datasets.digits(s, form="unit") for s in ("val", "test")), strict=True)
+    x = torch.cat(xs)[torch.cat(ys) == subject.label]
+    training = (x.flatten(1)[:, None] == subject.images.flatten(1)[None]).all(2).any(1)
+    x = x[~training]
+    member = torch.as_tensor(km.predict(metrics.features(clf, x).double().numpy())) == subject.cluster
+    return x, member
+
+
+def separation_auc(inside: torch.Tensor, outside: torch.Tensor) -> tuple[float, float]:
+    """How well a score ranks `inside` above `outside`: the area under the ROC curve, P(score_in > score_out)
+    (ties count one half), and its standard error by Hanley & McNeil (1982),
+
+        SE^2 = (A(1 - A) + (n_in - 1)(Q1 - A^2) + (n_out - 1)(Q2 - A^2)) / (n_in n_out),  Q1 = A/(2 - A),  Q2 = 2A^2/(1 + A).
+
+    Scale-free: any increasing transform of the score leaves both unchanged (B11).
+    """
+    a, b = torch.as_tensor(inside, dtype=torch.float64), torch.as_tensor(outside, dtype=torch.float64)
+    if a.ndim != 1 or b.ndim != 1 or len(a) < 1 or len(b) < 1:
+        raise ValueError(f"expected two non-empty 1-d score vectors, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    diff = a[:, None] - b[None]
+    auc = ((diff > 0).double() + 0.5 * (diff == 0).double()).mean().item()
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (len(a) - 1) * (q1 - auc**2) + (len(b) - 1) * (q2 - auc**2)) / (len(a) * len(b))
+    return auc, math.sqrt(max(var, 0.0))
+
+
 def prompt_fidelity(images: torch.Tensor, label: int, classifier=None) -> float:
     """CLIP-T analogue: the classifier's mean probability of the prompted class."""
     clf = metrics.shipped_classifier() if classifier is None else classifier

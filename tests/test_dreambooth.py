@@ -48,12 +48,17 @@ def test_check_B11_metric_code(subject):
     assert D.feature_similarity(threes, sevens) < same
     assert D.diversity(threes[:1].expand(5, -1, -1, -1)) == pytest.approx(0.0, abs=1e-12)
     assert D.prompt_fidelity(threes, 3) > 0.9 and D.prompt_fidelity(threes, 7) < 0.1
-    # raw features (CLIP-I analogue) call every three alike; centred ones (DINO analogue) tell the subject apart
-    x_train, y_train = datasets.digits("train", form="unit")
-    others = x_train[y_train == 3][:40]  # threes of every style; the subject comes from the unseen splits
-    raw_gap = D.feature_similarity(subject.images, subject.held_out) - D.feature_similarity(others, subject.held_out)
-    dino_gap = D.subject_fidelity(subject.images, subject) - D.subject_fidelity(others, subject)
-    assert dino_gap > 5 * raw_gap > 0
+    # B11: ranked by their similarity to the 5 training images, the subject's other images stand above the other
+    # unseen threes far better with centred features (DINO analogue) than raw ones (CLIP-I analogue); the AUC is
+    # scale-free, so this is not the wider range that centring gives every cosine
+    pool, member = D.unseen_pool(subject)
+    centre = D.class_centre(3)
+    auc = {}
+    for name, c in (("raw", None), ("centred", centre)):
+        score = torch.tensor([D.feature_similarity(pool[i : i + 1], subject.images, centre=c) for i in range(len(pool))])
+        auc[name] = D.separation_auc(score[member], score[~member])
+    (a_raw, se_raw), (a_c, se_c) = auc["raw"], auc["centred"]
+    assert a_c - a_raw > 2 * (se_raw**2 + se_c**2) ** 0.5
     with pytest.raises(ValueError, match="expected images"):
         D.feature_similarity(threes[:, 0], threes)
     with pytest.raises(ValueError, match="at least two"):
@@ -110,6 +115,32 @@ def test_check_B6_dreambooth_mode_moves_every_part_and_keeps_the_base(subject):
         D.trainable_parameters(base, "lora")
 
 
+def test_unseen_pool_is_the_held_out_subject_and_the_other_unseen_threes(subject):
+    from dlearn import datasets
+
+    pool, member = D.unseen_pool(subject)
+    n_unseen = sum(int((datasets.digits(s, form="unit")[1] == 3).sum()) for s in ("val", "test"))
+    assert len(pool) == n_unseen - len(subject.images) and int(member.sum()) == len(subject.held_out)
+    key = lambda x: sorted(map(tuple, x.flatten(1).tolist()))  # noqa: E731
+    assert key(pool[member]) == key(subject.held_out)
+
+
+def test_separation_auc_against_sklearn_and_hanley_mcneil(gen):
+    from sklearn.metrics import roc_auc_score
+
+    a, b = torch.randn(12, generator=gen, dtype=torch.float64), torch.randn(30, generator=gen, dtype=torch.float64) - 0.5
+    b[3] = a[0]  # one tie
+    auc, se = D.separation_auc(a, b)
+    assert auc == pytest.approx(roc_auc_score([1] * 12 + [0] * 30, torch.cat([a, b]).numpy()), abs=1e-12)
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    assert se**2 == pytest.approx((auc * (1 - auc) + 11 * (q1 - auc**2) + 29 * (q2 - auc**2)) / (12 * 30), rel=1e-12)
+    assert D.separation_auc(a.exp(), b.exp()) == (auc, se)  # scale-free: an increasing transform changes nothing
+    assert D.separation_auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == (1.0, 0.0)
+    assert D.separation_auc(torch.zeros(3), torch.zeros(4))[0] == 0.5
+    with pytest.raises(ValueError, match="non-empty 1-d"):
+        D.separation_auc(torch.zeros(3), torch.zeros(0))
+
+
 def test_nearest_distance():
     ref = torch.zeros(2, 1, 8, 8)
     ref[1] = 1.0
@@ -117,26 +148,16 @@ def test_nearest_distance():
     torch.testing.assert_close(D.nearest_distance(samples, ref), torch.full((3,), 2.0, dtype=torch.float64))
 
 
-def test_check_B6_B13_B14_on_the_shipped_model(subject):
-    """B6: DreamBooth moved the text encoder too; B13: contexts against the subject's look are followed less;
-    B14: the subject's features move more across context prompts than across seeds."""
+def test_check_B6_the_shipped_model_moved_the_text_encoder(subject):
+    """B6: DreamBooth fine-tunes every layer, the text encoder included. (B13 and B14 are illustrations in the
+    notebook: the toy's only context words are the subject's own attributes, so they cannot be tested here.)"""
     from dlearn import zoo
-    from dlearn.distributions import unit_to_levels
 
     base, db = zoo.load("text2image"), zoo.load("dreambooth")
-    assert not torch.equal(db.text.token.weight, base.text.token.weight)  # B6: every layer, text encoder included
-    own = t2i.attribute_bits(unit_to_levels(subject.images), torch.full((5,), 3)).double().mean(0)
-    centre = D.class_centre(3)
-    with_, against, means = [], [], []
-    for j, words in enumerate(t2i.ATTRIBUTE_WORDS.values()):
-        for b, word in enumerate(words):
-            imgs = t2i.generate(db, [D.subject_prompt("sks", "three", (word,))] * 32, 2.0, steps=20, seed=5)
-            acc = (t2i.attribute_bits(unit_to_levels(imgs), torch.full((32,), 3))[:, j] == b).double().mean().item()
-            (against if abs(b - own[j].item()) > 0.5 else with_).append(acc)
-            means.append((D._features(imgs) - centre).mean(0))
-    assert sum(against) / len(against) < sum(with_) / len(with_)  # B13
-    seeds = [(D._features(t2i.generate(db, [D.subject_prompt()] * 32, 2.0, steps=20, seed=s)) - centre).mean(0) for s in range(6)]
-    assert torch.stack(means).var(0).sum() > 3 * torch.stack(seeds).var(0).sum()  # B14
+    assert not torch.equal(db.text.token.weight, base.text.token.weight)
+    assert not torch.equal(db.text.transformer.layers[0].linear1.weight, base.text.transformer.layers[0].linear1.weight)
+    moved = [n for (n, p), q in zip(db.unet.named_parameters(), base.unet.parameters(), strict=True) if not torch.equal(p, q)]
+    assert len(moved) > len(list(base.unet.parameters())) // 2
 
 
 def _own_eps_loss(model, x0, prompt, g):

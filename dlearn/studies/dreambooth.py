@@ -106,11 +106,35 @@ STUDY_JOBS = {
     "noun_none": {"class_word": None, "prior_weight": 0.0},
     **{f"n_images{k}": {"n_images": k} for k in range(1, 5)},
     "common_subject": {"cluster": "common"},
+    # the same single-setting arms at training seeds 1 and 2 (seed 0 keeps its name above)
+    **{f"identifier_seven_seed{s}": {"seed": s, "identifier": "seven"} for s in (1, 2)},
+    **{f"noun_wrong_seed{s}": {"seed": s, "class_word": "seven", "prior_weight": 0.0} for s in (1, 2)},
+    **{f"noun_none_seed{s}": {"seed": s, "class_word": None, "prior_weight": 0.0} for s in (1, 2)},
+    **{f"n_images{k}_seed{s}": {"seed": s, "n_images": k} for k in range(1, 5) for s in (1, 2)},
+    **{f"common_subject_seed{s}": {"seed": s, "cluster": "common"} for s in (1, 2)},
 }  # fmt: skip
-"""Chapter 09's runs (300 steps each, `train_dreambooth` defaults otherwise): prior preservation on and off and
-the embedding-only (Textual Inversion) analogue over 3 seeds (B7-B9, B12); an existing word as identifier (B4);
-wrong and no class noun, both without prior preservation, against `noppl_seed0` (B5); 1-4 subject images against
-`ppl_seed0`'s 5 (B17); a subject from the class's most common style cluster (B16)."""
+"""Chapter 09's runs (300 steps each, `train_dreambooth` defaults otherwise), every arm over training seeds 0, 1, 2:
+prior preservation on and off and the embedding-only (Textual Inversion) analogue (B7-B9, B12); an existing word as
+identifier (B4); wrong and no class noun, both without prior preservation, against `noppl_seed*` (B5); 1-4 subject
+images against `ppl_seed*`'s 5 (B17); a subject from the class's most common style cluster (B16). The seed-0 runs
+of the single-setting arms keep their first names (`identifier_seven`, ..., `common_subject`); `arm_seeds` lists
+an arm's three job names."""
+
+ARM_SEED0 = {"identifier_seven", "noun_wrong", "noun_none", "common_subject", *(f"n_images{k}" for k in range(1, 5))}
+
+
+def arm_seeds(arm: str) -> list[str]:
+    """The study's job names of one arm at training seeds 0, 1, 2 (e.g. "ppl" or "noun_wrong")."""
+    if arm in ARM_SEED0:
+        names = [arm, f"{arm}_seed1", f"{arm}_seed2"]
+    else:
+        names = [f"{arm}_seed{s}" for s in range(3)]
+    missing = [n for n in names if n not in STUDY_JOBS]
+    if missing:
+        raise ValueError(
+            f"no study arm {arm!r} (jobs {missing} unknown); arms: ppl, noppl, embedding, {', '.join(sorted(ARM_SEED0))}"
+        )
+    return names
 
 
 def run_study_job(name: str, base: TextToImage | None = None, steps: int = 300) -> dict:
