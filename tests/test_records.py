@@ -8,6 +8,7 @@ record no longer supports what the book says about it, not when code is wrong.
 """
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -264,16 +265,30 @@ def test_record_dreambooth_study_has_every_job(db_study):
     assert set(db_study) == set(dreambooth_study.STUDY_JOBS)
 
 
-def test_record_B4_a_used_word_as_identifier_damages_its_class(db_study):
-    seven = db_study["identifier_seven"]["final"]
-    assert (
-        seven["identifier_class_accuracy"] < 0.6
-        and db_study["ppl_seed0"]["final"]["subject_fidelity"] > seven["subject_fidelity"]
+def _arm(study, arm, metric, history=None):
+    """An arm's metric at training seeds 0, 1, 2: the final value, or the learning curve's entry `history`."""
+    runs = [study[job] for job in dreambooth_study.arm_seeds(arm)]
+    return [r["final"][metric] if history is None else r["history"][history][metric] for r in runs]
+
+
+def _diff(a, b):
+    """Difference of two arms' means over seeds, and its SE (the notebook's `compare`)."""
+    return statistics.mean(a) - statistics.mean(b), math.hypot(
+        statistics.stdev(a) / math.sqrt(len(a)), statistics.stdev(b) / math.sqrt(len(b))
     )
 
 
+def test_record_B4_a_used_word_as_identifier_damages_its_class(db_study):
+    """Fine-tuned with 'seven' as the identifier, 'a seven' is drawn as a seven far less often (3 seeds); the base
+    draws sevens (chapter 09 measures it live)."""
+    acc = _arm(db_study, "identifier_seven", "identifier_class_accuracy")
+    assert statistics.mean(acc) + 2 * statistics.stdev(acc) / math.sqrt(3) < 0.7
+
+
 def test_record_B5_wrong_class_noun_damages_that_class(db_study):
-    assert db_study["noun_wrong"]["final"]["other_classes_fd"] > 2 * _mean(db_study, "noppl", "other_classes_fd")
+    wrong, correct = _arm(db_study, "noun_wrong", "other_classes_fd"), _arm(db_study, "noppl", "other_classes_fd")
+    d, se = _diff(wrong, correct)
+    assert d > 2 * se and statistics.mean(wrong) > 2 * statistics.mean(correct)
 
 
 def test_record_B7_B9_language_drift_without_prior_preservation(db_study):
@@ -309,16 +324,17 @@ def test_record_B15_copying_grows_with_steps(db_study):
 
 
 def test_record_B16_rare_subject_gains_more(db_study):
-    rare, common = db_study["ppl_seed0"]["history"], db_study["common_subject"]["history"]
-    assert (
-        common[-1]["subject_fidelity"] - common[0]["subject_fidelity"]
-        < rare[-1]["subject_fidelity"] - rare[0]["subject_fidelity"]
-    )
+    """Over 3 seeds the rare subject gains more subject fidelity than a common one (each from its own step 0)."""
+    gains = {}
+    for arm in ("ppl", "common_subject"):
+        ends, starts = _arm(db_study, arm, "subject_fidelity"), _arm(db_study, arm, "subject_fidelity", 0)
+        gains[arm] = [end - start for end, start in zip(ends, starts, strict=True)]
+    d, se = _diff(gains["ppl"], gains["common_subject"])
+    assert d > 2 * se
 
 
 def test_record_B17_number_of_images(db_study):
-    fid = [db_study[f"n_images{k}"]["final"]["subject_fidelity"] for k in range(1, 5)] + [
-        db_study["ppl_seed0"]["final"]["subject_fidelity"]
-    ]
-    assert fid[0] < fid[4] - 0.1 and abs(fid[4] - fid[3]) < 0.05
-    assert db_study["n_images1"]["final"]["div"] < 0.05  # one image: the samples collapse onto it
+    """One subject image collapses the samples: DIV far below five images' (3 seeds each)."""
+    one, five = _arm(db_study, "n_images1", "div"), _arm(db_study, "ppl", "div")
+    d, se = _diff(five, one)
+    assert d > 2 * se and statistics.mean(one) < 0.05
