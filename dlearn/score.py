@@ -131,9 +131,26 @@ def smoothed(mixture: GaussianMixture, sigma: float) -> GaussianMixture:
     return GaussianMixture(mixture.means, mixture.covs + sigma**2 * eye, mixture.weights)
 
 
+def _noise(shape, dtype, generator) -> torch.Tensor:
+    """Standard normal noise of `shape`; with a list of K generators, the rows (dim 0) are split into K equal
+    blocks and block k is drawn from generator k, so that one batched run equals K runs with one seed each."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    k = len(generator)
+    if k == 0 or shape[0] % k:
+        raise ValueError(f"with {k} generators the number of rows must be a positive multiple of {k}, got {shape[0]}")
+    block = (shape[0] // k, *shape[1:])
+    return torch.cat([torch.randn(block, generator=g, dtype=dtype) for g in generator])
+
+
 def langevin(score_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, step_size: float, num_steps: int,
-             generator: torch.Generator | None = None, return_path: bool = False):  # fmt: skip
-    """Unadjusted Langevin dynamics x <- x + c grad log p(x) + sqrt(2c) z (Luo Sec. 3; Song & Ermon 2019, Eq. 4).
+             generator=None, return_path: bool = False):  # fmt: skip
+    """Unadjusted Langevin dynamics x <- x + c grad log p(x) + sqrt(2c) z (Luo Sec. 3; Song & Ermon 2019, Eq. 4
+    with their step alpha = 2c).
+
+    Args:
+        generator: a torch.Generator, or a list of K generators: then the rows of x are K equal blocks and
+            block k takes its noise from generator k (K independent sampling seeds in one batched run).
 
     Returns:
         the final points, or (points, path of shape (num_steps + 1, ...)) with `return_path`.
@@ -142,20 +159,21 @@ def langevin(score_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         raise ValueError(f"need step_size > 0 and num_steps >= 1, got {step_size} and {num_steps}")
     path = [x] if return_path else None
     for _ in range(num_steps):
-        x = x + step_size * score_fn(x) + math.sqrt(2 * step_size) * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = x + step_size * score_fn(x) + math.sqrt(2 * step_size) * _noise(x.shape, x.dtype, generator)
         if return_path:
             path.append(x)
     return (x, torch.stack(path)) if return_path else x
 
 
 def annealed_langevin(score_fn: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, sigmas, steps_per_level: int,
-                      eps: float, generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+                      eps: float, generator=None) -> torch.Tensor:  # fmt: skip
     """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1): Langevin at each noise level sigma_i,
     from the largest to the smallest, with step size eps * sigma_i^2 / sigma_L^2.
 
     Args:
         score_fn: (x, sigma) -> grad log p_sigma(x), the score of the data smoothed by N(0, sigma^2 I).
         sigmas: decreasing noise levels.
+        generator: a torch.Generator, or a list of generators, one per equal block of rows (see `langevin`).
     """
     sigmas = [float(s) for s in sigmas]
     if any(b >= a for a, b in zip(sigmas, sigmas[1:], strict=False)) or sigmas[-1] <= 0:
