@@ -13,8 +13,7 @@ A ControlNet adds a spatial condition (here: the mask of a digit) to a pretraine
 
 The module names follow diffusers' `ControlNetModel` (`controlnet_cond_embedding`, `controlnet_down_blocks`,
 `controlnet_mid_block`), so `to_diffusers` loads a trained `ControlNet` into diffusers' class unchanged and the
-Stable Diffusion pipelines (chapter 11) run it. The recipe of the shipped ControlNets, their evaluation (mask IoU
-under four prompt settings) and the chapter's ablations are in `dlearn.studies.controlnet`.
+Stable Diffusion pipelines (chapter 11) run it. Recipes, evaluation and ablations: `dlearn.studies.controlnet`.
 """
 
 from __future__ import annotations
@@ -57,7 +56,16 @@ def bottom_half(masks: torch.Tensor) -> torch.Tensor:
     return out
 
 
-CONTROLS = {"mask": lambda m: m, "top": top_half, "bottom": bottom_half}
+def coarse_layout(masks: torch.Tensor, block: int = 2) -> torch.Tensor:
+    """The mask max-pooled over `block` x `block` cells, blown back up (a 4x4 "where is ink" map for `block=2`): the
+    ControlNet must decide where inside each cell the strokes go (chapter 08's control that must be interpreted)."""
+    if masks.dim() != 4 or masks.shape[-1] % block or masks.shape[-2] % block:
+        raise ValueError(f"expected masks (B, C, H, W) with H and W divisible by {block}, got {tuple(masks.shape)}")
+    pooled = nn.functional.max_pool2d(masks, block)
+    return pooled.repeat_interleave(block, -2).repeat_interleave(block, -1)
+
+
+CONTROLS = {"mask": lambda m: m, "top": top_half, "bottom": bottom_half, "coarse": coarse_layout}
 
 
 # --------------------------------------------------------------------------------------------

@@ -225,3 +225,21 @@ def test_lite_controlnet_shapes_and_zero_start(base, batch):
     assert sum(p.numel() for p in lite.parameters()) < sum(p.numel() for p in full.parameters()) / 2
     with pytest.raises(ValueError, match="lite"):
         C.to_diffusers(lite)
+
+
+def test_coarse_layout_is_a_2x2_max_pool_blown_back_up():
+    m = torch.zeros(1, 1, 8, 8)
+    m[0, 0, 0, 1] = 1  # one pixel in the top-left 2x2 cell
+    m[0, 0, 5, 6] = 1  # one in the cell of rows 4-5, columns 6-7
+    out = C.coarse_layout(m)
+    want = torch.zeros(1, 1, 8, 8)
+    want[0, 0, 0:2, 0:2] = 1
+    want[0, 0, 4:6, 6:8] = 1
+    assert torch.equal(out, want)
+    assert torch.equal(C.coarse_layout(out), out)  # a layout map is its own layout
+    assert torch.equal(C.coarse_layout(m, block=4)[0, 0, :4, :4], torch.ones(4, 4))
+    assert C.CONTROLS["coarse"] is C.coarse_layout
+    with pytest.raises(ValueError, match="divisible"):
+        C.coarse_layout(torch.zeros(1, 1, 7, 7))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        C.coarse_layout(torch.zeros(8, 8))

@@ -96,12 +96,53 @@ def test_transition_on_a_known_sigmoid():
         controlnet_study.transition(steps[:3], values[:3])
 
 
-def test_check_C12_training_cost_is_of_the_same_order():
+def test_check_C12_controlnet_counts_less_training_memory_than_the_finetune():
+    """The paper: ControlNet needs *more* memory than fine-tuning SD (1.23x). On the toy the direction is reversed:
+    the counted memory of a ControlNet step is below that of the whole-model fine-tune."""
     torch.manual_seed(0)
     base = t2i.TextToImage().eval().requires_grad_(False)
     cn, ft = (controlnet_study.training_memory(k, base, batch_size=16) for k in controlnet_study.COST_KINDS)
     assert cn["trainable_params"] < ft["trainable_params"]
     assert cn["grad_and_adam_bytes"] == 3 * 4 * cn["trainable_params"]
-    assert 0.5 < cn["total_bytes"] / ft["total_bytes"] < 2
+    assert cn["total_bytes"] / ft["total_bytes"] < 1
     with pytest.raises(ValueError, match="kind"):
         controlnet_study.training_step("lora", base)
+
+
+def test_coarse_control_is_scored_against_the_full_mask():
+    masks, _, _ = controlnet_study.evaluation_set(20)
+    layouts, _, _ = controlnet_study.evaluation_set(20, "coarse")
+    assert torch.equal(layouts, C.coarse_layout(masks))
+    assert torch.equal(controlnet_study.fidelity_target(20, "coarse"), masks)  # interpreted: the digit's own mask
+    assert torch.equal(controlnet_study.fidelity_target(20, "top"), C.top_half(masks))  # copied: the control itself
+    # a sample equal to the full mask has the control's coarse layout exactly, and IoU 1 with the mask
+    assert torch.equal(controlnet_study.coarse_fidelity(masks * 2 - 1, layouts), torch.ones(20, dtype=torch.float64))
+    with pytest.raises(ValueError, match="control"):
+        controlnet_study.evaluation_set(5, "edges")
+
+
+def test_mask_dropout_zeroes_whole_masks_with_the_shared_generator(base, batch):
+    x, t, ids, c = batch
+    model = controlnet_study.MaskChannelModel(base)
+    data = controlnet_study.training_data("mask", 16)
+    got = controlnet_study._mask_channel_loss(model, data, torch.Generator().manual_seed(3), 0.5, p_mask_drop=0.5)
+    g = torch.Generator().manual_seed(3)  # oracle: draw the same keep-mask, zero those masks by hand, then no dropout
+    keep = (torch.rand(16, generator=g) >= 0.5).float().view(-1, 1, 1, 1)
+    want = controlnet_study._mask_channel_loss(model, (*data[:3], data[3] * keep), g, 0.5, p_mask_drop=0.0)
+    assert 0 < keep.sum() < 16 and torch.equal(got, want)
+    with pytest.raises(ValueError, match="p_mask_drop"):
+        controlnet_study._mask_channel_loss(model, data, torch.Generator(), 0.5, p_mask_drop=1.0)
+
+
+def test_saturation_and_cfg_placement_rows(base):
+    assert controlnet_study.saturation(torch.tensor([-1.5, -1.0, 0.0, 1.0, 1.01])) == pytest.approx(2 / 5)
+    cn = C.ControlNet.from_unet(base.unet)
+    rows = controlnet_study.cfg_placement(base, cn, seed=0, n=2)
+    want = [(1.0, "(a) both")] + [(w, k) for w in controlnet_study.CFG_SCALES for k in controlnet_study.CFG_OPTIONS]
+    assert [(r["guidance_scale"], r["placement"]) for r in rows] == want
+    assert all(0 <= r[f"{m}_{s}"] <= 1 for r in rows for m in ("iou", "saturation") for s in ("none", "perfect"))
+    # zero residuals: every placement and scale is the plain CFG sample, so each beta's rows agree exactly
+    for w in controlnet_study.CFG_SCALES:
+        same = [r for r in rows if r["guidance_scale"] == w]
+        assert all(r["saturation_perfect"] == same[0]["saturation_perfect"] for r in same)
+        assert all(r["iou_perfect"] == same[0]["iou_perfect"] for r in same)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dlearn import datasets, metrics, results, shipped
-from dlearn.controlnet import CONTROLS, ControlNet, control_mask, controlnet_loss, generate
+from dlearn.controlnet import CONTROLS, ControlNet, coarse_layout, control_mask, controlnet_loss, generate, toy_block_weights
 from dlearn.distributions import levels_to_unit, unit_to_levels
 from dlearn.metrics import iou
 from dlearn.studies import text2image as text2image_study
@@ -84,9 +84,28 @@ def training_data(control: str = "mask", n_train: int | None = None, seed: int =
 
 def evaluation_set(n: int = 100, control: str = "mask"):
     """A fixed set for condition fidelity: the first `n` validation digits, their masks, classes and captions."""
+    if control not in CONTROLS:
+        raise ValueError(f"control must be one of {sorted(CONTROLS)}, got {control!r}")
     x, y = datasets.digits("val")
     x, y = x[:n], y[:n]
     return CONTROLS[control](control_mask(x)), y, caption(x, y)
+
+
+INTERPRETED = ("coarse",)
+"""Controls that are not a copy of what the sample should show: their fidelity is measured against the digit's own
+full mask, the same target as the base's, and not against the control itself."""
+
+
+def fidelity_target(n: int = 100, control: str = "mask") -> torch.Tensor:
+    """What the samples of `evaluation_set(n, control)` are scored against: the control itself, or for a control
+    that must be interpreted (`INTERPRETED`) the digit's full mask."""
+    return evaluation_set(n, "mask" if control in INTERPRETED else control)[0]
+
+
+def coarse_fidelity(images: torch.Tensor, layouts: torch.Tensor) -> torch.Tensor:
+    """IoU (per image) of the coarse layout of generated images with coarse layout maps (`coarse_layout`)."""
+    got = control_mask(unit_to_levels(images.detach().cpu().reshape(-1, 64)))
+    return condition_fidelity(coarse_layout(got) * 2 - 1, layouts)
 
 
 PROMPT_SETTINGS = ("none", "insufficient", "conflicting", "perfect")
@@ -117,6 +136,7 @@ def evaluate(base: TextToImage, cn, n: int = 100, control: str = "mask", steps: 
     class) and FD to the test split, for each prompt setting on the fixed evaluation set (C19)."""
     clf = metrics.shipped_classifier() if classifier is None else classifier
     masks, labels, captions = evaluation_set(n, control)
+    target = fidelity_target(n, control)
     test_feats = metrics.features(clf, datasets.digits("test", form="unit")[0])
     out = {}
     for s in settings:
@@ -124,7 +144,9 @@ def evaluate(base: TextToImage, cn, n: int = 100, control: str = "mask", steps: 
                         steps, seed=2)  # fmt: skip
         x = levels_to_unit(unit_to_levels(imgs))
         pred = metrics.predict(clf, x)
-        out[f"iou_{s}"] = condition_fidelity(imgs, masks).mean().item()
+        out[f"iou_{s}"] = condition_fidelity(imgs, target).mean().item()
+        if control in INTERPRETED:
+            out[f"coarse_iou_{s}"] = coarse_fidelity(imgs, evaluation_set(n, control)[0]).mean().item()
         out[f"class_accuracy_{s}"] = metrics.accuracy(pred, labels)
         if s == "conflicting":
             out["prompt_class_accuracy_conflicting"] = metrics.accuracy(pred, conflicting_classes(labels))
@@ -149,6 +171,7 @@ def train_controlnet(seed: int = 0, max_steps: int = 1500, variant: str = "full"
     cn = ControlNet.from_unet(base.unet, variant=variant, init=init, seed=seed, control=control)
     data = training_data(control, n_train, seed)
     masks, labels, captions = evaluation_set(100, control)
+    target = fidelity_target(100, control)
     clf = metrics.shipped_classifier()
 
     def acc(imgs):
@@ -158,8 +181,8 @@ def train_controlnet(seed: int = 0, max_steps: int = 1500, variant: str = "full"
         """The mask IoU without a prompt selects the checkpoint; with the caption, and the class accuracy, are logged."""
         none = generate(base, m, masks, [""] * len(masks), steps=10, seed=1)
         perfect = generate(base, m, masks, captions, steps=10, seed=1)
-        return {"iou_none": condition_fidelity(none, masks).mean().item(),
-                "iou_prompt": condition_fidelity(perfect, masks).mean().item(),
+        return {"iou_none": condition_fidelity(none, target).mean().item(),
+                "iou_prompt": condition_fidelity(perfect, target).mean().item(),
                 "class_accuracy_none": acc(none), "class_accuracy_prompt": acc(perfect)}  # fmt: skip
 
     with torch.no_grad():  # step 0: the loss and fidelity of the untrained ControlNet on the base
@@ -236,9 +259,17 @@ class MaskChannelModel(nn.Module):
         return self.model(torch.cat([x_t, control], 1), t, ids)
 
 
-def _mask_channel_loss(model: MaskChannelModel, batch, gen: torch.Generator, p_uncond: float) -> torch.Tensor:
-    """`controlnet_loss` for the whole-model alternative: the same prompts, noise and time steps, mask as input."""
+def _mask_channel_loss(model: MaskChannelModel, batch, gen: torch.Generator, p_uncond: float,
+                       p_mask_drop: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """`controlnet_loss` for the whole-model alternative: the same prompts, noise and time steps, mask as input.
+    With `p_mask_drop` > 0 each pair's mask is replaced by the all-zero one with that probability, so that an
+    all-zero mask is a trained input ("no control") rather than one never seen ("no ink anywhere")."""
     x0, labels, bits, control = batch
+    if not 0.0 <= p_mask_drop < 1.0:
+        raise ValueError(f"p_mask_drop must be in [0, 1), got {p_mask_drop}")
+    if p_mask_drop > 0:
+        keep = (torch.rand(len(control), generator=gen) >= p_mask_drop).to(control.dtype).view(-1, 1, 1, 1)
+        control = control * keep.to(control.device)
     ids = tokenize(training_prompts(labels, bits, gen, p_uncond=p_uncond)).to(x0.device)
     x_t, t, eps = noised(x0, model.alpha_bar, gen)
     return ((model(x_t, t, ids, control) - eps) ** 2).mean()
@@ -252,10 +283,13 @@ def fixed_loss(loss_fn, data, seed: int = 0, repeats: int = 4) -> float:
 
 
 def finetune_with_mask_channel(seed: int = 0, n_pairs: int = 200, max_steps: int = 1500, lr: float = 1e-3,
-                               eval_every: int = 250, base: TextToImage | None = None, progress: bool | None = None):  # fmt: skip
+                               eval_every: int = 250, base: TextToImage | None = None, progress: bool | None = None,
+                               p_mask_drop: float = 0.0):  # fmt: skip
     """C2: train *every* parameter of a copy of the base (text encoder and U-Net, mask as an extra input channel) on
-    `n_pairs` training pairs. Logs the loss on those pairs and on as many held-out pairs (validation split), and the
-    FD to the test split of prompt-only samples (mask channel all 0: the base's own task).
+    `n_pairs` training pairs. Logs the loss on those pairs and on as many held-out pairs (validation split), the
+    FD to the test split of prompt-only samples (mask channel all 0: the base's own task; a trained input only
+    with `p_mask_drop` > 0), and, under the same control as `evaluate` gives a ControlNet (the 100 evaluation
+    masks, their full captions, DDIM-20, w = 1, seed 2), the mask IoU and FD of controlled samples.
 
     Returns:
         the fine-tuned `MaskChannelModel` and the history (list of dicts).
@@ -272,37 +306,49 @@ def finetune_with_mask_channel(seed: int = 0, n_pairs: int = 200, max_steps: int
     test_feats = metrics.features(clf, datasets.digits("test", form="unit")[0])
     prompts, _, _ = evaluation_prompts(per_prompt=3)
 
+    eval_masks, _, eval_captions = evaluation_set(100)
+
     def prompt_only_fd(m):
         wrapped = _ZeroMask(m)
         imgs = t2i_generate(wrapped, prompts, 1.0, steps=20, seed=3)
         return metrics.frechet_distance(metrics.features(clf, levels_to_unit(unit_to_levels(imgs))), test_feats)
 
+    def controlled(m):
+        imgs = t2i_generate(_ZeroMask(m, eval_masks), eval_captions, 1.0, steps=20, seed=2)
+        fd = metrics.frechet_distance(metrics.features(clf, levels_to_unit(unit_to_levels(imgs))), test_feats)
+        return {"controlled_iou": condition_fidelity(imgs, eval_masks).mean().item(), "controlled_fd": fd}
+
     def val_fn(m):
         """The held-out loss selects the checkpoint; the training pairs' loss and the prompt-only FD are logged."""
         loss = lambda d, g: _mask_channel_loss(m, d, g, 0.5)  # noqa: E731
-        return {"train_pairs_loss": fixed_loss(loss, train), "held_out_loss": fixed_loss(loss, held),
-                "prompt_only_fd": prompt_only_fd(m)}  # fmt: skip
+        out = {"train_pairs_loss": fixed_loss(loss, train), "held_out_loss": fixed_loss(loss, held),
+               "prompt_only_fd": prompt_only_fd(m)}  # fmt: skip
+        return {**out, **controlled(m)} if p_mask_drop > 0 else out
 
     model.eval()
     start = {"step": 0, **val_fn(model)}
     cfg = TrainConfig(max_steps=max_steps, batch_size=64, lr=lr, eval_every=eval_every, seed=seed, select="held_out_loss",
                       progress=progress)  # fmt: skip
-    result = fit(model, lambda m, b, g: _mask_channel_loss(m, b, g, 0.5), train, cfg, val_fn=val_fn)
+    result = fit(model, lambda m, b, g: _mask_channel_loss(m, b, g, 0.5, p_mask_drop), train, cfg, val_fn=val_fn)
     keys = ("train_pairs_loss", "held_out_loss", "prompt_only_fd")  # "val" in fit's history is the held-out loss
+    keys += ("controlled_iou", "controlled_fd") if p_mask_drop > 0 else ()
     records = [start] + [{"step": r["step"], **{k: r["val"] if k == "held_out_loss" else r[k] for k in keys}}
                          for r in result.history]  # fmt: skip
     return model, records
 
 
 class _ZeroMask(nn.Module):
-    """A `MaskChannelModel` seen as a prompt-only model (mask channel all 0), for `text2image.generate`."""
+    """A `MaskChannelModel` seen as a prompt-only model (mask channel all 0, or the fixed `masks`), for
+    `text2image.generate`."""
 
-    def __init__(self, m: MaskChannelModel):
+    def __init__(self, m: MaskChannelModel, masks: torch.Tensor | None = None):
         super().__init__()
-        self.m, self.alpha_bar = m, m.alpha_bar
+        self.m, self.alpha_bar, self.masks = m, m.alpha_bar, masks
 
     def forward(self, x_t, t, ids):
-        return self.m(x_t, t, ids, torch.zeros_like(x_t))
+        if self.masks is None:
+            return self.m(x_t, t, ids, torch.zeros_like(x_t))
+        return self.m(x_t, t, ids, self.masks.to(x_t.device).expand(x_t.shape[0], -1, -1, -1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,10 +415,13 @@ STUDY_JOBS = {
     "n50_seed0": {"n_train": 50},
     "n500_seed0": {"n_train": 500},
     "finetune_mask_channel": {},
+    **{f"finetune_mask_drop_seed{s}": {"p_mask_drop": 0.5, "seed": s} for s in (0, 1, 2)},
+    **{f"cfg_placement_seed{s}": {"seed": s} for s in (0, 1, 2)},
 }  # fmt: skip
 """Every run of chapter 08's study (600 steps each, evaluation every 50): the init and variant ablations over three
 seeds (C17, C18), prompt dropout 0 vs the default 0.5 (C10), 50 and 500 training pairs (C20), and the whole-model
-fine-tune with the mask as an input channel (C2)."""
+fine-tune with the mask as an input channel (C2), the same with mask dropout 0.5 over three seeds (so that "no
+mask" is an input it was trained on), and the CFG placements over three sampling seeds (`cfg_placement`)."""
 
 
 def run_study_job(name: str, base: TextToImage | None = None, steps: int = STUDY_STEPS) -> dict:
@@ -381,13 +430,46 @@ def run_study_job(name: str, base: TextToImage | None = None, steps: int = STUDY
         raise ValueError(f"no study job {name!r}; known: {sorted(STUDY_JOBS)}")
     base = text2image_study.shipped_base() if base is None else base
     start = time.perf_counter()
-    if name == "finetune_mask_channel":
-        _, history = finetune_with_mask_channel(max_steps=steps * 2, eval_every=steps // 3, base=base)
-        return {"history": history, "seconds": round(time.perf_counter() - start, 1)}
+    if name.startswith("finetune_mask"):
+        kwargs = STUDY_JOBS[name]
+        _, history = finetune_with_mask_channel(max_steps=steps * 2, eval_every=steps // 3, base=base, **kwargs)
+        return {"config": kwargs, "history": history, "seconds": round(time.perf_counter() - start, 1)}
+    if name.startswith("cfg_placement"):
+        rows = cfg_placement(base, shipped.load(ControlNet(control="mask"), "controlnet"), seed=STUDY_JOBS[name]["seed"])
+        return {"config": STUDY_JOBS[name], "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
     kwargs = {"seed": 0, **STUDY_JOBS[name]}
     cn, result = train_controlnet(max_steps=steps, eval_every=50, base=base, **kwargs)
     return {"config": kwargs, "history": result.history, "final": evaluate(base, cn),
             "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+CFG_OPTIONS = ("(a) both", "(b) cond", "(b) cond, x0.5", "(b) cond, x2", "(c) cond, paper 8/h", "(c) cond, code 0.825^k")
+CFG_SCALES = (3.0, 6.0)
+
+
+def saturation(images: torch.Tensor) -> float:
+    """Fraction of raw (unclamped) pixels beyond [-1, 1]."""
+    return (images.abs() > 1).double().mean().item()
+
+
+def cfg_placement(base: TextToImage, cn: ControlNet, seed: int = 0, n: int = 64) -> list[dict]:
+    """C14-C15 for one sampling seed: mask IoU and saturated-pixel fraction (`saturation`) of `n` samples with no
+    prompt and with the perfect prompt, for w = 1 and each placement of `CFG_OPTIONS` at each w of `CFG_SCALES`.
+    The uniform scales 0.5 and 2 separate "how much control" from "which blocks get it"."""
+    masks, _, captions = evaluation_set(n)
+    weights = {"(a) both": ("both", 1.0), "(b) cond": ("cond", 1.0), "(b) cond, x0.5": ("cond", 0.5),
+               "(b) cond, x2": ("cond", 2.0), "(c) cond, paper 8/h": ("cond", toy_block_weights(cn, "paper")),
+               "(c) cond, code 0.825^k": ("cond", toy_block_weights(cn, "code"))}  # fmt: skip
+    rows = []
+    for w, name in [(1.0, "(a) both")] + [(w, k) for w in CFG_SCALES for k in CFG_OPTIONS]:
+        placement, scale = weights[name]
+        row = {"guidance_scale": w, "placement": name}
+        for setting, prompts in (("none", [""] * n), ("perfect", captions)):
+            imgs = generate(base, cn, masks, prompts, w, seed=4 + seed, placement=placement, scale=scale, clamp=False)
+            row[f"iou_{setting}"] = condition_fidelity(imgs.clamp(-1, 1), masks).mean().item()
+            row[f"saturation_{setting}"] = saturation(imgs)
+        rows.append(row)
+    return rows
 
 
 def load_study(path=None) -> dict:
