@@ -27,6 +27,13 @@ def _mean_se(record: dict, key: str) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
+def _diff(a, b):
+    """Difference of two arms' means over seeds, and its SE (the notebook's `compare`)."""
+    return statistics.mean(a) - statistics.mean(b), math.hypot(
+        statistics.stdev(a) / math.sqrt(len(a)), statistics.stdev(b) / math.sqrt(len(b))
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Every record
 # --------------------------------------------------------------------------------------------
@@ -195,10 +202,11 @@ def test_record_C2_full_finetune_overfits_and_forgets(cn_study):
     assert h[-1]["prompt_only_fd"] > h[0]["prompt_only_fd"]
 
 
-def test_record_C10_prompt_dropout_makes_the_controlnet_read_the_mask(cn_study):
-    with_drop, without = cn_study["full_zero_seed0"]["final"], cn_study["p_uncond0_seed0"]["final"]
-    assert with_drop["iou_none"] > without["iou_none"]
-    assert with_drop["class_accuracy_none"] > without["class_accuracy_none"]
+def test_record_C10_prompt_dropout_controlnet_names_the_digit_from_the_mask(cn_study):
+    """With prompt dropout the ControlNet names the digit from the mask alone (3 seeds, mean - 2 SE above 0.8);
+    the run without dropout has one seed, so chapter 08b does not rank the two."""
+    acc = [cn_study[f"full_zero_seed{s}"]["final"]["class_accuracy_none"] for s in range(3)]
+    assert statistics.mean(acc) - 2 * statistics.stdev(acc) / math.sqrt(3) > 0.8
 
 
 def test_record_C11_learning_curve_of_the_shipped_controlnet():
@@ -221,9 +229,12 @@ def test_record_C17_gaussian_init_disturbs_the_base_at_the_start(cn_study):
 
 
 def test_record_C18_lite_is_weaker_without_a_prompt(cn_study):
+    """Over 3 training seeds each, the full ControlNet follows the mask better than the lite one without a prompt,
+    by more than 2 SE (chapter 08b's C18)."""
     full = [cn_study[f"full_zero_seed{s}"]["final"]["iou_none"] for s in range(3)]
     lite = [cn_study[f"lite_zero_seed{s}"]["final"]["iou_none"] for s in range(3)]
-    assert sum(full) / 3 > sum(lite) / 3
+    d, se = _diff(full, lite)
+    assert d > 2 * se
 
 
 def test_record_C19_C21_prompt_settings_on_the_shipped_controlnet():
@@ -269,13 +280,6 @@ def _arm(study, arm, metric, history=None):
     """An arm's metric at training seeds 0, 1, 2: the final value, or the learning curve's entry `history`."""
     runs = [study[job] for job in dreambooth_study.arm_seeds(arm)]
     return [r["final"][metric] if history is None else r["history"][history][metric] for r in runs]
-
-
-def _diff(a, b):
-    """Difference of two arms' means over seeds, and its SE (the notebook's `compare`)."""
-    return statistics.mean(a) - statistics.mean(b), math.hypot(
-        statistics.stdev(a) / math.sqrt(len(a)), statistics.stdev(b) / math.sqrt(len(b))
-    )
 
 
 def test_record_B4_a_used_word_as_identifier_damages_its_class(db_study):
