@@ -309,10 +309,10 @@ def test_record_B8_diversity_as_measured(db_study):
     assert _mean(db_study, "ppl", "div") < _mean(db_study, "noppl", "div")
 
 
-def test_record_B10_other_classes_change_little_with_prior_preservation(db_study):
-    # the embedding-only runs leave the other classes as the base
-    base_fd = db_study["embedding_seed0"]["final"]["other_classes_fd"]
-    assert abs(_mean(db_study, "ppl", "other_classes_fd") - base_fd) / base_fd < 0.10
+def test_record_B10_prior_preservation_not_seen_to_protect_other_classes(db_study):
+    """The other classes' FD with vs without prior preservation (3 seeds each) lie within 2 SE, as chapter 09 reports."""
+    d, se = _diff(_arm(db_study, "ppl", "other_classes_fd"), _arm(db_study, "noppl", "other_classes_fd"))
+    assert abs(d) <= 2 * se
 
 
 def test_record_B12_dreambooth_beats_the_embedding_alone(db_study):
@@ -320,21 +320,20 @@ def test_record_B12_dreambooth_beats_the_embedding_alone(db_study):
     assert min(_mean(db_study, "ppl", "subject_fidelity"), _mean(db_study, "noppl", "subject_fidelity")) > emb + 0.2
 
 
-def test_record_B15_copying_grows_with_steps(db_study):
+def test_record_B15_samples_move_toward_the_training_images(db_study):
+    """The nearest-neighbour gap falls below the base's and after step 50 (it does not by itself show copying: the
+    five training images are the subject cluster's most central members; chapter 09 prints the references)."""
     base_gap = db_study["ppl_seed0"]["history"][0]["nn_gap"]
-    assert _mean(db_study, "ppl", "nn_gap") < base_gap and _mean(db_study, "noppl", "nn_gap") < _mean(db_study, "ppl", "nn_gap")
+    assert _mean(db_study, "ppl", "nn_gap") < base_gap
     curve = [sum(db_study[f"ppl_seed{s}"]["history"][i]["nn_gap"] for s in range(3)) / 3 for i in range(7)]
     assert curve[1] > curve[-1]
 
 
-def test_record_B16_rare_subject_gains_more(db_study):
-    """Over 3 seeds the rare subject gains more subject fidelity than a common one (each from its own step 0)."""
-    gains = {}
-    for arm in ("ppl", "common_subject"):
-        ends, starts = _arm(db_study, arm, "subject_fidelity"), _arm(db_study, arm, "subject_fidelity", 0)
-        gains[arm] = [end - start for end, start in zip(ends, starts, strict=True)]
-    d, se = _diff(gains["ppl"], gains["common_subject"])
-    assert d > 2 * se
+def test_record_B16_rare_and_common_subject_end_points_within_noise(db_study):
+    """Over 3 seeds the rare and the common subject end at subject fidelities within 2 SE of each other (the rare one's
+    larger gain is its lower start)."""
+    d, se = _diff(_arm(db_study, "ppl", "subject_fidelity"), _arm(db_study, "common_subject", "subject_fidelity"))
+    assert abs(d) <= 2 * se
 
 
 def test_record_B17_number_of_images(db_study):
