@@ -304,14 +304,7 @@ def finetune_with_mask_channel(seed: int = 0, n_pairs: int = 200, max_steps: int
         model = MaskChannelModel(base)
     clf = metrics.shipped_classifier()
     test_feats = metrics.features(clf, datasets.digits("test", form="unit")[0])
-    prompts, _, _ = evaluation_prompts(per_prompt=3)
-
     eval_masks, _, eval_captions = evaluation_set(100)
-
-    def prompt_only_fd(m):
-        wrapped = _ZeroMask(m)
-        imgs = t2i_generate(wrapped, prompts, 1.0, steps=20, seed=3)
-        return metrics.frechet_distance(metrics.features(clf, levels_to_unit(unit_to_levels(imgs))), test_feats)
 
     def controlled(m):
         imgs = t2i_generate(_ZeroMask(m, eval_masks), eval_captions, 1.0, steps=20, seed=2)
@@ -322,7 +315,7 @@ def finetune_with_mask_channel(seed: int = 0, n_pairs: int = 200, max_steps: int
         """The held-out loss selects the checkpoint; the training pairs' loss and the prompt-only FD are logged."""
         loss = lambda d, g: _mask_channel_loss(m, d, g, 0.5)  # noqa: E731
         out = {"train_pairs_loss": fixed_loss(loss, train), "held_out_loss": fixed_loss(loss, held),
-               "prompt_only_fd": prompt_only_fd(m)}  # fmt: skip
+               "prompt_only_fd": prompt_only_fd(_ZeroMask(m), 3, clf, test_feats)}  # fmt: skip
         return {**out, **controlled(m)} if p_mask_drop > 0 else out
 
     model.eval()
@@ -335,6 +328,22 @@ def finetune_with_mask_channel(seed: int = 0, n_pairs: int = 200, max_steps: int
     records = [start] + [{"step": r["step"], **{k: r["val"] if k == "held_out_loss" else r[k] for k in keys}}
                          for r in result.history]  # fmt: skip
     return model, records
+
+
+def prompt_only_fd(model: nn.Module, seed: int = 3, classifier=None, test_feats=None) -> float:
+    """C2's measure of what a prompt-only model knows: FD to the test split, in the digit classifier's features, of
+    its samples for `evaluation_prompts(per_prompt=3)` (240 prompts, DDIM-20, w = 1, sampling `seed`; the study
+    used seed 3). `model` is the base or a fine-tune seen as prompt-only (`_ZeroMask`)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (the base or a wrapped fine-tune), got {type(model).__name__}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    clf = metrics.shipped_classifier() if classifier is None else classifier
+    if test_feats is None:
+        test_feats = metrics.features(clf, datasets.digits("test", form="unit")[0])
+    prompts, _, _ = evaluation_prompts(per_prompt=3)
+    imgs = t2i_generate(model, prompts, 1.0, steps=20, seed=seed)
+    return metrics.frechet_distance(metrics.features(clf, levels_to_unit(unit_to_levels(imgs))), test_feats)
 
 
 class _ZeroMask(nn.Module):
