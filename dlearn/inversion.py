@@ -323,9 +323,11 @@ def null_text_optimisation(world, inv: Inversion, guidance_scale: float = 7.5, i
 def global_embedding_optimisation(world, inv: Inversion, guidance_scale: float = 7.5, iterations: int = 500,
                                   lr: float = 1e-2, which: str = "null", penalty: float = 0.0,
                                   bound: float | None = None) -> torch.Tensor:  # fmt: skip
-    """The N10 ablations with one embedding for every step, at the same budget as the per-step method (500 Adam
-    steps = 10 x 50): minimise sum_t ||z*_{t-1} - step(z*_t, embedding)||^2 over the pivots. `which="null"` optimises
-    a single global null embedding, `which="cond"` the conditional embedding instead (textual-inversion style).
+    """The N10 ablations with one embedding for every step: minimise sum_t ||z*_{t-1} - step(z*_t, embedding)||^2 over
+    the pivots by `iterations` Adam steps, each a pass through all the sampler steps. Budgets: iterations = inner_steps
+    x steps (the default 500 = 10 x 50) matches the per-step method's Adam steps at `steps` times its network passes;
+    iterations = inner_steps matches its network passes (and gives `steps` times fewer Adam steps).
+    `which="null"` optimises a single global null embedding, `which="cond"` the conditional embedding instead.
 
     Returns:
         the optimised embedding (null, or cond).
