@@ -228,6 +228,16 @@ def test_record_C17_gaussian_init_disturbs_the_base_at_the_start(cn_study):
         assert gauss[0]["class_accuracy_prompt"] < zero[0]["class_accuracy_prompt"] - 0.2
 
 
+def test_record_C28_coarse_control_gaussian_start_disturbs_the_base(cn_study):
+    """On the coarse layout control (3 seeds each): zero-initialised runs start at the base's loss exactly, Gaussian
+    ones above it, and the prompted class accuracy at step 0 is lower for the Gaussian start beyond 2 SE."""
+    runs = {k: [cn_study[f"coarse_{k}_seed{s}"]["history"][0] for s in range(3)] for k in ("zero", "gaussian")}
+    assert all(h["loss"] == h["base_loss"] for h in runs["zero"])
+    assert all(h["loss"] > h["base_loss"] for h in runs["gaussian"])
+    d, se = _diff(*[[h["class_accuracy_prompt"] for h in runs[k]] for k in ("zero", "gaussian")])
+    assert d > 2 * se
+
+
 def test_record_C18_lite_is_weaker_without_a_prompt(cn_study):
     """Over 3 training seeds each, the full ControlNet follows the mask better than the lite one without a prompt,
     by more than 2 SE (chapter 08b's C18)."""

@@ -426,11 +426,14 @@ STUDY_JOBS = {
     "finetune_mask_channel": {},
     **{f"finetune_mask_drop_seed{s}": {"p_mask_drop": 0.5, "seed": s} for s in (0, 1, 2)},
     **{f"cfg_placement_seed{s}": {"seed": s} for s in (0, 1, 2)},
+    **{f"coarse_{i}_seed{s}": {"variant": "full", "init": i, "seed": s, "control": "coarse"}
+       for i in ("zero", "gaussian") for s in (0, 1, 2)},
 }  # fmt: skip
 """Every run of chapter 08's study (600 steps each, evaluation every 50): the init and variant ablations over three
 seeds (C17, C18), prompt dropout 0 vs the default 0.5 (C10), 50 and 500 training pairs (C20), and the whole-model
 fine-tune with the mask as an input channel (C2), the same with mask dropout 0.5 over three seeds (so that "no
-mask" is an input it was trained on), and the CFG placements over three sampling seeds (`cfg_placement`)."""
+mask" is an input it was trained on), the CFG placements over three sampling seeds (`cfg_placement`), and zero vs
+Gaussian initialisation on the coarse layout control over three seeds (a control the ControlNet must interpret)."""
 
 
 def run_study_job(name: str, base: TextToImage | None = None, steps: int = STUDY_STEPS) -> dict:
@@ -448,7 +451,7 @@ def run_study_job(name: str, base: TextToImage | None = None, steps: int = STUDY
         return {"config": STUDY_JOBS[name], "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
     kwargs = {"seed": 0, **STUDY_JOBS[name]}
     cn, result = train_controlnet(max_steps=steps, eval_every=50, base=base, **kwargs)
-    return {"config": kwargs, "history": result.history, "final": evaluate(base, cn),
+    return {"config": kwargs, "history": result.history, "final": evaluate(base, cn, control=kwargs.get("control", "mask")),
             "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
 
 
