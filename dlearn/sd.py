@@ -15,6 +15,7 @@ Thin adapters, not a second implementation:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -128,14 +129,34 @@ def resolve_path(path: str | os.PathLike | None = None) -> Path:
 
 
 def load_pipeline(path: str | os.PathLike | None = None, controlnet=None, device: str | torch.device | None = None,
-                  dtype: torch.dtype | None = None):  # fmt: skip
+                  dtype: torch.dtype | None = None, *, torch_dtype: torch.dtype | None = None,
+                  variant: str | None = None):  # fmt: skip
     """A `StableDiffusionPipeline` (or `StableDiffusionControlNetPipeline` when `controlnet` is a `ControlNetModel`
     or a local ControlNet folder) from a local folder only (`local_files_only=True`: never a download), with a DDIM
-    scheduler made from the folder's scheduler config, the progress bar off, on `device` (default: cuda if present)."""
+    scheduler made from the folder's scheduler config, the progress bar off, on `device` (default: cuda if present).
+
+    `torch_dtype` (or its alias `dtype`) and `variant` go to diffusers' `from_pretrained`: a folder holding only
+    half-precision weights (`*.fp16.safetensors`) loads with `variant="fp16", torch_dtype=torch.float16`. Null-text
+    inversion on such a pipeline still optimises the null embedding in float32 (see `PipelineWorld`)."""
     from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
+    for name, value in (("dtype", dtype), ("torch_dtype", torch_dtype)):
+        if value is not None and not isinstance(value, torch.dtype):
+            raise TypeError(f"{name} must be a torch.dtype such as torch.float16, got {type(value).__name__} {value!r}")
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype and torch_dtype name the same thing: expected one or equal values, got {dtype}, {torch_dtype}")
+    if variant is not None and (not isinstance(variant, str) or not variant):
+        raise TypeError(f"variant must be a non-empty str such as 'fp16', got {type(variant).__name__} {variant!r}")
     p = resolve_path(path)
-    kwargs = {"local_files_only": True, **({"dtype": dtype} if dtype is not None else {})}
+    weights = [f.name for f in (p / "unet").glob("diffusion_pytorch_model*") if f.suffix in (".safetensors", ".bin")]
+    variants = sorted({n.split(".")[1].split("-")[0] for n in weights if n.count(".") == 2})
+    if variant is None and variants and all(n.count(".") == 2 for n in weights):
+        raise FileNotFoundError(f"{p / 'unet'} holds only the {variants} weight variant(s), no default weights: "
+                                f"expected load_pipeline(..., variant={variants[0]!r}, torch_dtype=torch.float16), "
+                                "got variant=None")  # fmt: skip
+    torch_dtype = torch_dtype if torch_dtype is not None else dtype
+    kwargs = {"local_files_only": True, **({"dtype": torch_dtype} if torch_dtype is not None else {}),  # diffusers 0.42 name
+              **({"variant": variant} if variant is not None else {})}  # fmt: skip
     if controlnet is not None:
         if isinstance(controlnet, (str, os.PathLike)):
             cn_path = Path(controlnet).expanduser()
@@ -166,16 +187,39 @@ def check_images(pipe, images: torch.Tensor) -> None:
 
 @torch.no_grad()
 def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
-    """Latents z0 = mean of the VAE posterior x scaling factor (as the null-text reference code does)."""
+    """Latents z0 = mean of the VAE posterior x scaling factor (as the null-text reference code does), float32."""
     check_images(pipe, images)
     vae = pipe.vae
-    return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+    return (vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor).float()
 
 
 @torch.no_grad()
 def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] from latents."""
-    return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
+    """Images in [-1, 1] (float32) from latents."""
+    vae = pipe.vae
+    return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.clamp(-1, 1).float()
+
+
+def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """A reader's photo as `encode_images` expects it: opened with PIL, converted to RGB, centre-cropped to a square
+    (side = the shorter side), resized to `size` x `size` (bicubic); a (1, 3, size, size) float32 tensor in [-1, 1]."""
+    from PIL import Image
+
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"size must be an int (the pipeline's image side, e.g. 512), got {type(size).__name__} {size!r}")
+    if size <= 0:
+        raise ValueError(f"size must be a positive int (the pipeline's image side, e.g. 512), got {size}")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"expected an image file (PNG, JPEG, ...), got {p}, which is not a file")
+    with Image.open(p) as im:
+        im = im.convert("RGB")
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return (x.permute(2, 0, 1).float() / 127.5 - 1).unsqueeze(0)
 
 
 @torch.no_grad()
@@ -193,7 +237,12 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
 class PipelineWorld:
     """Chapter 10's `World` for a pipeline: eps from the pipeline's UNet, alpha-bar and timesteps from its (DDIM)
     scheduler, embeddings from its text encoder. `inversion.ddim_invert`, `reconstruct` and
-    `null_text_optimisation` then run on latents unchanged."""
+    `null_text_optimisation` then run on latents unchanged.
+
+    Only the null embedding is optimised: each `eps` call runs the UNet with its parameters' `requires_grad`
+    switched off and restores the reader's flags afterwards, so a backward pass fills no parameter `.grad` and
+    leaves the model's state as it was. Embeddings, latents and predictions are float32 whatever the UNet's dtype
+    (a float16 pipeline computes in float16 inside the UNet; Adam's updates of the null stay in float32)."""
 
     def __init__(self, pipe, prompts: list[str]):
         from diffusers import DDIMScheduler
@@ -205,8 +254,8 @@ class PipelineWorld:
         self.alpha_bar = pipe.scheduler.alphas_cumprod.to(pipe.device, torch.float32)
         self.final_alpha_bar = float(pipe.scheduler.final_alpha_cumprod)
         self.num_train = pipe.scheduler.config.num_train_timesteps
-        self._cond = encode_prompts(pipe, self.prompts)
-        self._null = encode_prompts(pipe, [""])
+        self._cond = encode_prompts(pipe, self.prompts).float()
+        self._null = encode_prompts(pipe, [""]).float()
 
     def timesteps(self, steps: int) -> list[int]:
         """The pipeline scheduler's own timesteps for `steps` steps (with its offset)."""
@@ -220,7 +269,23 @@ class PipelineWorld:
         return self._cond[:n].clone()
 
     def eps(self, x: torch.Tensor, t: int, embedding: torch.Tensor) -> torch.Tensor:
-        return self.pipe.unet(x, t, encoder_hidden_states=embedding).sample
+        unet = self.pipe.unet
+        with frozen(unet):
+            return unet(x.to(unet.dtype), t, encoder_hidden_states=embedding.to(unet.dtype)).sample.float()
+
+
+@contextlib.contextmanager
+def frozen(*modules: torch.nn.Module):
+    """Parameters of `modules` do not require gradients inside the block; each one's own flag is restored after."""
+    params = [q for m in modules for q in m.parameters()]
+    flags = [q.requires_grad for q in params]
+    try:
+        for q in params:
+            q.requires_grad_(False)
+        yield
+    finally:
+        for q, f in zip(params, flags, strict=True):
+            q.requires_grad_(f)
 
 
 @torch.no_grad()
@@ -232,15 +297,18 @@ def pipeline_reconstruct(pipe, world: PipelineWorld, inv, guidance_scale: float)
     nulls = inv.nulls if inv.nulls is not None else [world.null_init(len(inv.pivots[0]))] * inv.steps
     cond = world.cond_init(len(inv.pivots[0]))
 
+    dt = pipe.unet.dtype  # the world keeps float32; the pipeline's loop runs in the UNet's dtype
+    nulls, cond = [n.to(dt) for n in nulls], cond.to(dt)
+
     def step_end(p, i, t, kwargs):
         if i + 1 < len(nulls):
             kwargs["prompt_embeds"] = torch.cat([nulls[i + 1], cond])
         return kwargs
 
-    out = pipe(prompt_embeds=cond, negative_prompt_embeds=nulls[0], latents=inv.pivots[-1], num_inference_steps=inv.steps,
-               guidance_scale=guidance_scale, output_type="latent", callback_on_step_end=step_end,
-               callback_on_step_end_tensor_inputs=["prompt_embeds"])  # fmt: skip
-    return out.images
+    out = pipe(prompt_embeds=cond, negative_prompt_embeds=nulls[0], latents=inv.pivots[-1].to(dt),
+               num_inference_steps=inv.steps, guidance_scale=guidance_scale, output_type="latent",
+               callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["prompt_embeds"])  # fmt: skip
+    return out.images.float()
 
 
 # --------------------------------------------------------------------------------------------
