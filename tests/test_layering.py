@@ -14,12 +14,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dlearn"
 SHARED = ["fileio", "checks", "distributions", "datasets", "toys", "nets", "train", "shipped", "metrics"]
 CHAPTERS = [
     "elbo", "vae", "hvae", "schedules", "vdm", "ddpm", "ddim", "diffusion", "score", "guidance", "text2image",
-    "controlnet", "dreambooth", "inversion", "sd",
+    "controlnet", "dreambooth", "inversion", "sd", "sd_train", "p2p",
 ]  # fmt: skip
 # the machinery of the measured claims: results files, figures, then one study module per chapter
 STUDIES = [
     "results", "plotting", "studies", "studies.classifier", "studies.vae", "studies.hvae", "studies.vdm",
-    "studies.diffusion", "studies.text2image", "studies.controlnet", "studies.dreambooth",
+    "studies.diffusion", "studies.text2image", "studies.controlnet", "studies.dreambooth", "studies.sd",
 ]  # fmt: skip
 # the weights registry (imports the studies' recipes), then presentation and tooling
 LAST = ["zoo", "widgets", "book", "bench"]

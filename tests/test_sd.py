@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dlearn import inversion as I
-from dlearn import sd
+from dlearn import sd, sd_train
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_pipeline_world_needs_ddim(pipe):
 def test_controlnet_on_the_pipeline_unet(pipe, images):
     from diffusers import StableDiffusionControlNetPipeline
 
-    cn = sd.controlnet_for(pipe)
+    cn = sd_train.controlnet_for(pipe)
     z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
     text = sd.encode_prompts(pipe, ["a dog", "a dog"])
     control = (images > 0).float()
@@ -112,23 +112,24 @@ def test_controlnet_on_the_pipeline_unet(pipe, images):
         m.requires_grad_(False)
     unet_before = I.weights_fingerprint(pipe.unet)
     opt = torch.optim.AdamW(cn.parameters(), lr=1e-3)
-    loss = sd.controlnet_loss(pipe, cn, images, ["a photo of sks dog"] * 2, control, torch.Generator().manual_seed(0))
+    loss = sd_train.controlnet_loss(pipe, cn, images, ["a photo of sks dog"] * 2, control, torch.Generator().manual_seed(0))
     loss.backward()
     opt.step()
     assert I.weights_fingerprint(pipe.unet) == unet_before and cn.controlnet_mid_block.weight.abs().sum() > 0
     with pytest.raises(ValueError, match="image-sized control"):
-        sd.controlnet_loss(pipe, cn, images, ["a"] * 2, control[:, :, :32], torch.Generator())
+        sd_train.controlnet_loss(pipe, cn, images, ["a"] * 2, control[:, :, :32], torch.Generator())
 
 
 def test_dreambooth_step_with_prior_preservation_through_accelerate(pipe, images):
-    cls = sd.class_images(pipe, "a dog", 2, steps=2)
+    cls = sd_train.class_images(pipe, "a dog", 2, steps=2)
     assert cls.shape == images.shape and cls.min() >= -1 and cls.max() <= 1
     pipe.vae.requires_grad_(False)
     params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-4)
     unet0, text0 = pipe.unet.conv_out.weight.clone(), pipe.text_encoder.get_input_embeddings().weight.clone()
     g = torch.Generator().manual_seed(0)
-    loss = sd.accelerated_training_step(lambda: sd.dreambooth_loss(pipe, images, "a sks dog", cls, "a dog", g), pipe.unet, opt)
+    loss = sd_train.accelerated_training_step(
+        lambda: sd_train.dreambooth_loss(pipe, images, "a sks dog", cls, "a dog", g), pipe.unet, opt)
     assert loss > 0
     assert not torch.equal(pipe.unet.conv_out.weight, unet0)
     assert not torch.equal(pipe.text_encoder.get_input_embeddings().weight, text0)  # the text encoder too
@@ -136,7 +137,7 @@ def test_dreambooth_step_with_prior_preservation_through_accelerate(pipe, images
         sd.encode_images(pipe, images[:, :, :63, :63])
     for bad in (float("nan"), -1.0):  # NaN used to switch prior preservation off silently
         with pytest.raises(ValueError, match="prior_weight must be a finite number >= 0"):
-            sd.dreambooth_loss(pipe, images, "a sks dog", cls, "a dog", g, prior_weight=bad)
+            sd_train.dreambooth_loss(pipe, images, "a sks dog", cls, "a dog", g, prior_weight=bad)
 
 
 def test_quiet_sets_the_loggers_to_errors():
