@@ -254,6 +254,7 @@ class PipelineWorld:
         self.alpha_bar = pipe.scheduler.alphas_cumprod.to(pipe.device, torch.float32)
         self.final_alpha_bar = float(pipe.scheduler.final_alpha_cumprod)
         self.num_train = pipe.scheduler.config.num_train_timesteps
+        self.kind = prediction_type(pipe)
         self._cond = encode_prompts(pipe, self.prompts).float()
         self._null = encode_prompts(pipe, [""]).float()
 
@@ -269,9 +270,42 @@ class PipelineWorld:
         return self._cond[:n].clone()
 
     def eps(self, x: torch.Tensor, t: int, embedding: torch.Tensor) -> torch.Tensor:
+        """The noise prediction at `x`, time `t`: the UNet's output, converted to eps where the UNet predicts v."""
         unet = self.pipe.unet
         with frozen(unet):
-            return unet(x.to(unet.dtype), t, encoder_hidden_states=embedding.to(unet.dtype)).sample.float()
+            out = unet(x.to(unet.dtype), t, encoder_hidden_states=embedding.to(unet.dtype)).sample.float()
+        return as_eps(out, x.float(), self.alpha_bar[t], self.kind)
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def prediction_type(pipe) -> str:
+    """What the pipeline's UNet predicts, read from its scheduler's config: "epsilon" (SD 1.x, SD 2.x-base) or
+    "v_prediction" (SD 2.x at 768 px); anything else (e.g. "sample") raises, naming the two supported."""
+    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"expected a scheduler with prediction_type in {PREDICTION_TYPES}, got {kind!r}")
+    return kind
+
+
+def as_eps(out: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor | float, kind: str) -> torch.Tensor:
+    """The noise eps implied by a UNet output. With x_t = sqrt(a) x0 + sqrt(1 - a) eps and v = sqrt(a) eps -
+    sqrt(1 - a) x0 (Salimans & Ho, 2022), eps = sqrt(a) v + sqrt(1 - a) x_t; an eps-prediction passes unchanged."""
+    if kind == "epsilon":
+        return out
+    if kind != "v_prediction":
+        raise ValueError(f"expected kind in {PREDICTION_TYPES}, got {kind!r}")
+    a = torch.as_tensor(alpha_bar_t, dtype=out.dtype, device=out.device)
+    return a.sqrt() * out + (1 - a).sqrt() * x_t
+
+
+def training_target(pipe, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet's output is regressed on: eps for an eps-prediction pipeline, v = sqrt(a) eps - sqrt(1 - a) x0
+    for a v-prediction one (the scheduler's own `get_velocity`), as diffusers' training examples do."""
+    if prediction_type(pipe) == "epsilon":
+        return eps
+    return pipe.scheduler.get_velocity(latents, eps, t)
 
 
 @contextlib.contextmanager

@@ -214,3 +214,50 @@ def test_load_image_centre_crops_resizes_and_scales(tmp_path):
         sd.load_image(path, 48.0)
     with pytest.raises(ValueError, match="size must be a positive int"):
         sd.load_image(path, 0)
+
+
+@pytest.fixture
+def v_pipe(pipe):
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    return pipe
+
+
+def test_v_prediction_world_steps_as_diffusers_does(v_pipe, images):
+    """The world turns the UNet's v into eps (eps = sqrt(a) v + sqrt(1 - a) x_t); the book's DDIM step with that eps
+    must land where diffusers' own DDIMScheduler, told the UNet predicts v, lands from the same output."""
+    world = sd.PipelineWorld(v_pipe, ["a photo of sks dog", "a digit three"])
+    assert world.kind == "v_prediction"
+    z = sd.encode_images(v_pipe, images) + 0.3 * torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    ts = world.timesteps(4)
+    cond = world.cond_init(2)
+    with torch.no_grad():
+        v = v_pipe.unet(z, ts[1], encoder_hidden_states=cond).sample
+    ours = I.denoise_step(world, z, ts[1], ts[2], world.eps(z, ts[1], cond))
+    theirs = v_pipe.scheduler.step(v, ts[1], z).prev_sample
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), (ours - theirs).abs().max()
+    # read as eps, the same output steps elsewhere: the conversion is what makes them agree
+    as_if_eps = I.denoise_step(world, z, ts[1], ts[2], v)
+    assert (as_if_eps - theirs).abs().max() > 1e-2
+
+
+def test_v_prediction_null_text_inversion_through_the_pipeline_loop(v_pipe, images):
+    world = sd.PipelineWorld(v_pipe, ["a photo of sks dog", "a digit three"])
+    z0 = sd.encode_images(v_pipe, images)
+    inv = I.ddim_invert(world, z0, 4)
+    nt = I.null_text_optimisation(world, inv, 7.5, inner_steps=3)
+    fixed = I.reconstruct(world, nt, 7.5)
+    assert I.mse(fixed, z0).mean() < I.mse(I.reconstruct(world, inv, 7.5), z0).mean()
+    # the pipeline's own v-prediction loop with the per-step nulls = the book's loop with the world's eps
+    assert (sd.pipeline_reconstruct(v_pipe, world, nt, 7.5) - fixed).abs().max() < 1e-3
+
+
+def test_other_prediction_types_are_refused(pipe):
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
+    with pytest.raises(ValueError, match=r"prediction_type in \('epsilon', 'v_prediction'\), got 'sample'"):
+        sd.PipelineWorld(pipe, ["a dog"])
+    with pytest.raises(ValueError, match="expected kind"):
+        sd.as_eps(torch.zeros(1), torch.zeros(1), 0.5, "sample")
