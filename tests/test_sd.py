@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dlearn import inversion as I
-from dlearn import sd, sd_train
+from dlearn import sd
 
 
 @pytest.fixture(scope="module")
@@ -87,57 +87,6 @@ def test_pipeline_world_needs_ddim(pipe):
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(TypeError, match="DDIMScheduler"):
         sd.PipelineWorld(pipe, ["a dog"])
-
-
-def test_controlnet_on_the_pipeline_unet(pipe, images):
-    from diffusers import StableDiffusionControlNetPipeline
-
-    cn = sd_train.controlnet_for(pipe)
-    z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
-    text = sd.encode_prompts(pipe, ["a dog", "a dog"])
-    control = (images > 0).float()
-    down, mid = cn(z, 500, encoder_hidden_states=text, controlnet_cond=control, return_dict=False)
-    plain = pipe.unet(z, 500, encoder_hidden_states=text).sample
-    with_cn = pipe.unet(z, 500, encoder_hidden_states=text, down_block_additional_residuals=down,
-                        mid_block_additional_residual=mid).sample  # fmt: skip
-    assert torch.equal(plain, with_cn)  # C5 on the pipeline's UNet
-    cpipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=cn)
-    cpipe.set_progress_bar_config(disable=True)
-    kw = {"num_inference_steps": 2, "output_type": "latent"}
-    a = pipe("a dog", generator=torch.Generator().manual_seed(0), **kw).images
-    b = cpipe("a dog", image=control[:1], generator=torch.Generator().manual_seed(0), **kw).images
-    assert torch.equal(a, b)
-    # chapter 08's training step: only the ControlNet moves
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False)
-    unet_before = I.weights_fingerprint(pipe.unet)
-    opt = torch.optim.AdamW(cn.parameters(), lr=1e-3)
-    loss = sd_train.controlnet_loss(pipe, cn, images, ["a photo of sks dog"] * 2, control, torch.Generator().manual_seed(0))
-    loss.backward()
-    opt.step()
-    assert I.weights_fingerprint(pipe.unet) == unet_before and cn.controlnet_mid_block.weight.abs().sum() > 0
-    with pytest.raises(ValueError, match="image-sized control"):
-        sd_train.controlnet_loss(pipe, cn, images, ["a"] * 2, control[:, :, :32], torch.Generator())
-
-
-def test_dreambooth_step_with_prior_preservation_through_accelerate(pipe, images):
-    cls = sd_train.class_images(pipe, "a dog", 2, steps=2)
-    assert cls.shape == images.shape and cls.min() >= -1 and cls.max() <= 1
-    pipe.vae.requires_grad_(False)
-    params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    unet0, text0 = pipe.unet.conv_out.weight.clone(), pipe.text_encoder.get_input_embeddings().weight.clone()
-    g = torch.Generator().manual_seed(0)
-    loss = sd_train.accelerated_training_step(
-        lambda: sd_train.dreambooth_loss(pipe, images, "a sks dog", cls, "a dog", g), pipe.unet, opt)
-    assert loss > 0
-    assert not torch.equal(pipe.unet.conv_out.weight, unet0)
-    assert not torch.equal(pipe.text_encoder.get_input_embeddings().weight, text0)  # the text encoder too
-    with pytest.raises(ValueError, match="multiples of 2"):
-        sd.encode_images(pipe, images[:, :, :63, :63])
-    for bad in (float("nan"), -1.0):  # NaN used to switch prior preservation off silently
-        with pytest.raises(ValueError, match="prior_weight must be a finite number >= 0"):
-            sd_train.dreambooth_loss(pipe, images, "a sks dog", cls, "a dog", g, prior_weight=bad)
 
 
 def test_quiet_sets_the_loggers_to_errors():
