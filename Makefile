@@ -18,7 +18,7 @@ TORCH_GPU ?= torch>=2.4
 NB ?=
 RUN := env OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE
 
-.PHONY: env book test unit registry notebooks lab lint clean
+.PHONY: env book test unit registry notebooks smoke lab lint clean
 
 env: $(VENV)/.installed
 
@@ -53,6 +53,13 @@ notebooks: env
 	else echo "no notebooks yet: nothing for nbval to check"; fi
 
 test: unit registry notebooks
+
+# chapter 11's path on one pipeline folder (default: the book's trained tiny Stable Diffusion): report.json + grid.png in
+# build/smoke; with your weights and a GPU: `make smoke SD_PATH=my-sd SMOKE_ARGS="--dtype float16"`
+SD_PATH ?= dlearn/weights/tiny_sd
+SMOKE_ARGS ?=
+smoke: env
+	$(RUN) $(PY) -m dlearn.smoke --path $(SD_PATH) --out build/smoke $(SMOKE_ARGS)
 
 lab: env
 	$(VENV)/bin/jupyter lab notebooks
