@@ -40,7 +40,7 @@ from dlearn.checks import finite_number, integer_in, string_list
 from dlearn.inversion import Inversion, check_timesteps
 
 MODES = ("replace", "refine", "reweight")
-SELF_MAX_PIXELS = 32**2  # the reference code replaces self-attention only in layers with at most 32 x 32 queries
+SELF_MAX_PIXELS = 32**2  # null_text_w_ptp.ipynb replaces self-attention only in layers with at most 32 x 32 queries
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,6 +279,9 @@ def controlled(pipe, controller: AttentionStore):
 def _check_run(pipe, latents, steps, guidance_scale, nulls) -> None:
     integer_in("steps", steps, 1, 10**6)
     finite_number("guidance_scale", guidance_scale)
+    if guidance_scale < 1 or (nulls is not None and guidance_scale == 1):
+        raise ValueError(f"expected guidance_scale > 1 with per-step nulls (>= 1 without): the pipeline runs no classifier-free "
+                         f"guidance at guidance_scale <= 1, so no null embedding is used; got {guidance_scale}")  # fmt: skip
     if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[:2] != (1, pipe.unet.config.in_channels):
         got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ValueError(f"expected starting latents of shape (1, {pipe.unet.config.in_channels}, h, w), got {got}")

@@ -170,7 +170,8 @@ def load_pipeline(path: str | os.PathLike | None = None, controlnet=None, device
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    return pipe.to(device)
+    # diffusers before 0.40 reads `torch_dtype`, not `dtype`: cast explicitly so the dtype asked for is the one you get
+    return pipe.to(device) if torch_dtype is None else pipe.to(device, torch_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +329,8 @@ def pipeline_reconstruct(pipe, world: PipelineWorld, inv, guidance_scale: float)
     callback. Inside the loop the pipeline keeps `prompt_embeds = cat([null, cond])` (negative first); the callback
     after step i replaces it with step i+1's null. Returns the final latents."""
     check_timesteps(inv.timesteps, world.timesteps(inv.steps))
+    if guidance_scale < 1:  # diffusers' pipeline skips guidance below 1 (eps_c alone), the book's loop extrapolates
+        raise ValueError(f"expected guidance_scale >= 1 (the pipeline's guidance is off below 1), got {guidance_scale}")
     nulls = inv.nulls if inv.nulls is not None else [world.null_init(len(inv.pivots[0]))] * inv.steps
     cond = world.cond_init(len(inv.pivots[0]))
 
@@ -335,7 +338,7 @@ def pipeline_reconstruct(pipe, world: PipelineWorld, inv, guidance_scale: float)
     nulls, cond = [n.to(dt) for n in nulls], cond.to(dt)
 
     def step_end(p, i, t, kwargs):
-        if i + 1 < len(nulls):
+        if i + 1 < len(nulls) and guidance_scale > 1:  # at w = 1 the pipeline runs the prompt alone: no null used
             kwargs["prompt_embeds"] = torch.cat([nulls[i + 1], cond])
         return kwargs
 

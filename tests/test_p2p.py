@@ -208,6 +208,10 @@ def test_bad_input_raises_clear_errors(pipe, z):
         p2p.edit(pipe, SRC, TGT, z.expand(2, -1, -1, -1), **kw)
     with pytest.raises(ValueError, match="one null embedding per step"):
         p2p.edit(pipe, SRC, TGT, z, nulls=[sd.encode_prompts(pipe, [""])], **kw)
+    with pytest.raises(ValueError, match="guidance_scale > 1 with per-step nulls"):  # the pipeline uses no null at w <= 1
+        p2p.edit(pipe, SRC, TGT, z, steps=2, guidance_scale=1.0, nulls=[sd.encode_prompts(pipe, [""])] * 2)
+    with pytest.raises(ValueError, match="guidance_scale > 1"):
+        p2p.edit(pipe, SRC, TGT, z, steps=2, guidance_scale=0.5)
     before = {k: id(v) for k, v in pipe.unet.attn_processors.items()}
     assert {k: id(v) for k, v in pipe.unet.attn_processors.items()} == before
 

@@ -2,8 +2,8 @@
 saved and reloaded from a local folder, as a reader's own weights would be.
 
 Every pipeline here runs on CPU in float32 (`device="cpu"`), where the exact comparisons (`torch.equal`) are the claim:
-same kernels, same inputs, same bits. Notebook 11 runs the same comparisons on a GPU with real weights and states its
-tolerances there (TF32 and kernel choice change the last bits)."""
+same kernels, same inputs, same bits. Notebook 11 states the tolerances the same comparisons need on a GPU (TF32 and
+kernel choice change the last bits)."""
 
 import pytest
 import torch
@@ -210,3 +210,13 @@ def test_other_prediction_types_are_refused(pipe):
         sd.PipelineWorld(pipe, ["a dog"])
     with pytest.raises(ValueError, match="expected kind"):
         sd.as_eps(torch.zeros(1), torch.zeros(1), 0.5, "sample")
+
+
+def test_guidance_below_one_is_refused_and_w1_runs_without_nulls(pipe, images):
+    world = sd.PipelineWorld(pipe, ["a photo of sks dog", "a digit three"])
+    z0 = sd.encode_images(pipe, images)
+    inv = I.ddim_invert(world, z0, 3)
+    with pytest.raises(ValueError, match="expected guidance_scale >= 1"):
+        sd.pipeline_reconstruct(pipe, world, inv, 0.5)
+    # at w = 1 the pipeline runs the prompt alone: its loop equals the book's unguided reconstruction
+    assert (sd.pipeline_reconstruct(pipe, world, inv, 1.0) - I.reconstruct(world, inv, 1.0)).abs().max() < 1e-4
