@@ -1,19 +1,17 @@
 """Chapter 11, training on the pipeline: chapter 08's ControlNet and chapter 09's DreamBooth objectives on a diffusers
 Stable Diffusion pipeline's UNet and text encoder, and the loops that train them through Hugging Face `accelerate`.
 
-- `controlnet_for` and `controlnet_loss` are chapter 08's ControlNet and loss on the pipeline's UNet;
-- `dreambooth_loss` is chapter 09's prior-preservation loss on the pipeline's UNet and text encoder (`embed_prompts`
-  is the pipeline's prompt encoding with gradients);
-- `class_images` samples the autogenous class prior from the frozen pipeline;
+- `controlnet_for`, `controlnet_loss`: chapter 08's ControlNet and loss on the pipeline's UNet; `dreambooth_loss`:
+  chapter 09's prior-preservation loss on its UNet and text encoder (`embed_prompts`: prompt encoding with gradients);
+  `class_images` samples the autogenous class prior from the frozen pipeline;
 - `train_controlnet` and `train_dreambooth` train them, one script for one CPU, one GPU or `accelerate launch` on
   several: the structure of diffusers' examples/controlnet/train_controlnet.py, examples/dreambooth/train_dreambooth.py
   and train_dreambooth_lora.py. The trained modules, the optimiser and the data loader are prepared once; the loss
   runs through the prepared modules (so several processes average their gradients); with gradient accumulation,
-  mixed precision ("no", "fp16", "bf16"), gradient checkpointing, `save_state`/`load_state` checkpoints and LoRA
-  adapters (peft) for small GPUs.
+  mixed precision ("no", "fp16", "bf16"), gradient checkpointing, `save_state` checkpoints and LoRA adapters (peft).
+  As in those examples, the frozen modules may be half precision; what trains is float32.
 
-Both losses regress the UNet's output on `sd.training_target`: the noise for an eps-prediction pipeline, v (Salimans &
-Ho, 2022) for a v-prediction one.
+Both losses regress the UNet's output on `sd.training_target`: the noise (eps-prediction) or v (Salimans & Ho, 2022).
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 
 from dlearn.dreambooth import check_prior_weight
 from dlearn.sd import check_images, encode_images, training_target
@@ -31,19 +30,15 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 LORA_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the UNet's attention projections (train_dreambooth_lora.py)
 LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
 
-# --------------------------------------------------------------------------------------------
-# ControlNet (chapter 08) and DreamBooth (chapter 09) losses on the pipeline
-# --------------------------------------------------------------------------------------------
 
-
+# ---- ControlNet (chapter 08) and DreamBooth (chapter 09) losses on the pipeline ----
 def controlnet_for(pipe, conditioning_channels: int = 3):
-    """Chapter 08's ControlNet for the pipeline's UNet: `ControlNetModel.from_unet` (the trainable copy, zero
-    convolutions), with a condition encoder that maps an image-sized condition to the latent grid (it downsamples
-    by the VAE factor: widths (16, 32, 96, 256) for SD's 8, (16, 32) for the tiny pipeline's 2)."""
+    """Chapter 08's ControlNet for the pipeline's UNet: `ControlNetModel.from_unet` (the trainable copy, zero convolutions)
+    in float32 whatever the UNet's dtype (train it so), with a condition encoder that maps an image-sized condition to
+    the latent grid (it downsamples by the VAE factor: widths (16, 32, 96, 256) for SD's 8, (16, 32) for the tiny's 2)."""
     from diffusers import ControlNetModel
 
-    levels = int(round(torch.log2(torch.tensor(float(pipe.vae_scale_factor))).item())) + 1
-    widths = (16, 32, 96, 256)[:levels]
+    widths = (16, 32, 96, 256)[: int(pipe.vae_scale_factor).bit_length()]  # log2(factor) + 1 levels
     return ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=widths,
                                      conditioning_channels=conditioning_channels)  # fmt: skip
 
@@ -87,6 +82,11 @@ def _squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
 
 
+def _dtype(module) -> torch.dtype:
+    """The dtype of `module`'s first parameter (through a DDP wrapper too): with LoRA, the base weights' (peft casts)."""
+    return next(module.parameters()).dtype
+
+
 def controlnet_loss(pipe, controlnet, images: torch.Tensor, prompts: list[str], controls: torch.Tensor, generator,
                     p_uncond: float = 0.5, *, unet=None) -> torch.Tensor:  # fmt: skip
     """Chapter 08's objective (paper eq. 5) on the pipeline: the locked UNet (`unet`, default the pipeline's) with the
@@ -103,21 +103,21 @@ def controlnet_loss(pipe, controlnet, images: torch.Tensor, prompts: list[str], 
     z_t, t, eps = _noisy(pipe, latents, generator)
     with torch.no_grad():  # the text encoder is locked too
         text = embed_prompts(pipe, _drop_prompts(prompts, p_uncond, generator))
-    down, mid = controlnet(z_t, t, encoder_hidden_states=text, controlnet_cond=controls.to(z_t.device, z_t.dtype),
+    c, u = _dtype(controlnet), _dtype(unet)  # e.g. a float32 ControlNet on a float16 UNet: each gets its own dtype
+    down, mid = controlnet(z_t.to(c), t, encoder_hidden_states=text.to(c), controlnet_cond=controls.to(z_t.device, c),
                            return_dict=False)  # fmt: skip
-    pred = unet(z_t, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                mid_block_additional_residual=mid, return_dict=False)[0]  # fmt: skip
+    pred = unet(z_t.to(u), t, encoder_hidden_states=text.to(u), down_block_additional_residuals=[d.to(u) for d in down],
+                mid_block_additional_residual=mid.to(u), return_dict=False)[0]  # fmt: skip
     return _squared_error(pred, training_target(pipe, latents, eps, t)).mean()
 
 
 def dreambooth_loss(pipe, instance_images: torch.Tensor, instance_prompt: str, class_images: torch.Tensor | None,
                     class_prompt: str, generator, prior_weight: float = 1.0, *, unet=None,
                     text_encoder=None) -> torch.Tensor:  # fmt: skip
-    """Chapter 09's loss (paper eq. 2) on the pipeline: the squared error to `sd.training_target` (eps or v) on the
-    instance images with "a [V] [class]" plus `prior_weight` x the same on class images (samples of the frozen
-    pipeline for "a [class]"), both halves in one UNet call as train_dreambooth.py does. Gradients reach `unet` and
-    `text_encoder` (default the pipeline's), whichever require them. `generator` as in `controlnet_loss` (one per
-    instance-class pair)."""
+    """Chapter 09's loss (paper eq. 2) on the pipeline: the squared error to `sd.training_target` (eps or v) on the instance
+    images with "a [V] [class]" plus `prior_weight` x the same on class images (samples of the frozen pipeline for "a
+    [class]"), both halves in one UNet call as train_dreambooth.py does. Gradients reach `unet` and `text_encoder`
+    (default the pipeline's), whichever require them. `generator` as in `controlnet_loss` (one per instance-class pair)."""
     prior_weight = check_prior_weight(prior_weight)  # NaN would silently switch prior preservation off
     parts = [(instance_images, instance_prompt)]
     if class_images is not None and prior_weight > 0:
@@ -127,8 +127,9 @@ def dreambooth_loss(pipe, instance_images: torch.Tensor, instance_prompt: str, c
     target = torch.cat([training_target(pipe, z0, eps, t) for z0, (_, t, eps) in zip(latents, noisy, strict=True)])
     text = embed_prompts(pipe, [p for x, p in parts for _ in range(len(x))], text_encoder)
     unet = pipe.unet if unet is None else unet
-    pred = unet(torch.cat([z for z, _, _ in noisy]), torch.cat([t for _, t, _ in noisy]), encoder_hidden_states=text,
-                return_dict=False)[0]  # fmt: skip
+    u = _dtype(unet)  # latents and target are float32; the UNet gets its own dtype, the error is taken in float32
+    pred = unet(torch.cat([z for z, _, _ in noisy]).to(u), torch.cat([t for _, t, _ in noisy]),
+                encoder_hidden_states=text.to(u), return_dict=False)[0]  # fmt: skip
     err, n = _squared_error(pred, target), len(instance_images)
     return err[:n].mean() + prior_weight * err[n:].mean() if len(parts) == 2 else err.mean()
 
@@ -141,37 +142,24 @@ def class_images(pipe, class_prompt: str, n: int, steps: int = 20, height: int |
     return out.images.to(pipe.device) * 2 - 1
 
 
-# --------------------------------------------------------------------------------------------
-# The training loop, through accelerate
-# --------------------------------------------------------------------------------------------
-
-
+# ---- The training loop, through accelerate ----
 def _seed(*ints: int) -> int:
     """One generator seed from several ints (e.g. the run's seed and a draw's number)."""
     return sum(k * 1_000_003**i for i, k in enumerate(reversed(ints))) % 2**63
 
 
-class _Draws(torch.utils.data.Dataset):
-    """Draws `start`, ..., `stop - 1` of the training stream. Draw n takes, from each group of paired data (e.g.
-    images, controls, prompts), the example at position n mod N of epoch n // N's permutation (seeded by the seed,
-    the group and the epoch), and carries n, which seeds that draw's timestep, noise and prompt dropout. A draw's
-    randomness is a function of (seed, n) alone: whichever process, micro-batch or batch size it lands in, it gets the
-    same noise. That is what lets one process on the whole batch and two on halves compute the same losses."""
-
-    def __init__(self, groups: list[dict], start: int, stop: int, seed: int):
-        self.groups, self.start, self.stop, self.seed = groups, start, stop, seed
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, k: int) -> dict:
-        n, item = self.start + k, {"n": self.start + k}
-        for i, group in enumerate(self.groups):
-            size = len(next(iter(group.values())))
-            epoch, pos = divmod(n, size)
-            j = int(torch.randperm(size, generator=torch.Generator().manual_seed(_seed(self.seed, 2 + i, epoch)))[pos])
-            item.update({name: values[j] for name, values in group.items()})
-        return item
+def _draw(groups: list[dict], n: int, seed: int) -> dict:
+    """Draw n of the training stream: from each group of paired data (e.g. images, controls, prompts), the example at
+    position n mod N of epoch n // N's permutation (seeded by the seed, the group, the epoch), and n, which seeds its
+    timestep, noise and prompt dropout: a function of (seed, n) alone, whatever process, micro-batch or batch size it
+    lands in (so one process on a batch and two on halves agree)."""
+    item = {"n": n}
+    for i, group in enumerate(groups):
+        size = len(next(iter(group.values())))
+        epoch, pos = divmod(n, size)
+        j = int(torch.randperm(size, generator=torch.Generator().manual_seed(_seed(seed, 2 + i, epoch)))[pos])
+        item.update({name: values[j] for name, values in group.items()})
+    return item
 
 
 def _positive_int(name: str, value) -> int:
@@ -192,14 +180,13 @@ def _checkpointing(m) -> bool:
 
 def _set_checkpointing(m, on: bool) -> None:
     """Gradient checkpointing on or off: diffusers' switch, or transformers' (non-reentrant, as diffusers' own)."""
+    kw = {"use_reentrant": False}
     if hasattr(m, "enable_gradient_checkpointing"):
         m.enable_gradient_checkpointing() if on else m.disable_gradient_checkpointing()
     elif hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.x names
-        m.activation_checkpointing_enable({"use_reentrant": False}) if on else m.activation_checkpointing_disable()
-    elif on:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.activation_checkpointing_enable(kw) if on else m.activation_checkpointing_disable()
     else:
-        m.gradient_checkpointing_disable()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw) if on else m.gradient_checkpointing_disable()
 
 
 @contextlib.contextmanager
@@ -212,8 +199,7 @@ def _training_setup(trainable: dict, checkpointing: list):
     switched = [m for m in checkpointing if not _checkpointing(m)]
     try:
         for m, rule in trainable.items():
-            flags = [q.requires_grad_(rule(name)).requires_grad for name, q in m.named_parameters()]
-            if any(flags):
+            if any([q.requires_grad_(rule(name)).requires_grad for name, q in m.named_parameters()]):  # a list: sets all
                 m.train()
         for m in switched:
             _set_checkpointing(m, True)
@@ -225,6 +211,21 @@ def _training_setup(trainable: dict, checkpointing: list):
             m.train(mode)
         for m in switched:
             _set_checkpointing(m, False)
+
+
+def _float32_trained(pipe, modules: list) -> list:
+    """The trained parameters, float32 as in diffusers' examples: LoRA adapters are upcast (their `cast_training_params`);
+    any other half one is refused (AdamW's eps 1e-8 is 0 in float16; accelerate's fp16 GradScaler refuses it)."""
+    names, params = {id(v): k for k, v in pipe.components.items()}, []
+    for m, name, q in ((x, n, q) for x in modules for n, q in x.named_parameters() if q.requires_grad):
+        if "lora_" in name:
+            q.data = q.data.float()  # peft casts the adapters' inputs to their dtype and the sum back
+        if q.dtype != torch.float32:
+            raise ValueError("trained parameters must be float32: load the pipeline in float32, or train LoRA adapters "
+                             "(lora_rank=...), which are kept in float32 on a half-precision pipeline (a ControlNet: "
+                             f"controlnet.float()); got {q.dtype} in {names.get(id(m), 'controlnet')}.{name}")  # fmt: skip
+        params.append(q)
+    return params
 
 
 def _train(pipe, trainable: dict, checkpointing: list, groups: list[dict], loss_fn, *, steps: int, batch_size: int,
@@ -259,11 +260,12 @@ def _train(pipe, trainable: dict, checkpointing: list, groups: list[dict], loss_
     start = _latest_step(checkpoint_dir) if resume else 0
     if start > steps:
         raise ValueError(f"the checkpoint in {checkpoint_dir} is at step {start}, past the requested steps={steps}")
-    loader = torch.utils.data.DataLoader(_Draws(groups, start * total, steps * total, seed), batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(range(start * total, steps * total), batch_size=batch_size,  # the draws to come,
+                                         collate_fn=lambda ns: default_collate([_draw(groups, n, seed) for n in ns]))  # fmt: skip
     losses, micro, step = [], [], start
     with _training_setup(trainable, checkpointing if gradient_checkpointing else []):
         modules = [m for m in trainable if any(q.requires_grad for q in m.parameters())]  # frozen ones are not prepared
-        params = [q for m in modules for q in m.parameters() if q.requires_grad]
+        params = _float32_trained(pipe, modules)
         optimizer = (torch.optim.AdamW if optimizer is None else optimizer)(params, lr=lr)
         *prepared, optimizer, loader = acc.prepare(*modules, optimizer, loader)  # once
         through = dict(zip(modules, prepared, strict=True))
@@ -299,17 +301,19 @@ def _train(pipe, trainable: dict, checkpointing: list, groups: list[dict], loss_
     return {"losses": losses, "steps": step, "start": start, "total_batch_size": total, "num_processes": acc.num_processes}
 
 
+_LOOP_ARGS = ("steps", "batch_size", "lr", "grad_accum", "mixed_precision", "gradient_checkpointing", "checkpoint_dir",
+              "checkpoint_every", "resume", "seed", "max_grad_norm", "optimizer", "accelerator", "progress")  # fmt: skip
 _LOOP_DOC = """
-    Loop arguments (the names of diffusers' examples): `batch_size` examples per process and micro-batch, so one
-    optimiser step (`optimizer(parameters, lr=lr)`, default AdamW, gradients clipped to `max_grad_norm`) sees
-    batch_size x processes x `grad_accum` of them; `mixed_precision` "no", "fp16" (CUDA) or "bf16" (CUDA or CPU
-    autocast); with `gradient_checkpointing`, activations are recomputed in the backward pass; `checkpoint_dir`
-    receives `accelerator.save_state` folders `step-k` (every `checkpoint_every` steps and at the end) and, with
-    `resume`, training continues from the latest one exactly as if uninterrupted; `seed` fixes the order of examples
-    and each one's timestep, noise and dropout; `accelerator` (default: made from the arguments) is cleared with
-    `free_memory` at the end. Several processes: the same script under `accelerate launch` (CPU processes: torchrun).
-    Returns {"losses" (one per optimiser step, mean over processes), "steps", "start", "total_batch_size",
-    "num_processes"}."""
+    Loop arguments (the names of diffusers' examples): `batch_size` examples per process and micro-batch, so one optimiser
+    step (`optimizer(parameters, lr=lr)`, default AdamW, gradients clipped to `max_grad_norm`) sees batch_size x processes
+    x `grad_accum` of them; `mixed_precision` "no", "fp16" (CUDA) or "bf16" (CUDA or CPU autocast); with
+    `gradient_checkpointing`, activations are recomputed in the backward pass; `checkpoint_dir` receives
+    `accelerator.save_state` folders `step-k` (every `checkpoint_every` steps and at the end) and, with `resume`, training
+    continues from the latest one exactly as if uninterrupted; `seed` fixes the order of examples and each one's
+    timestep, noise and dropout; `accelerator` (default: made from the arguments) is cleared with `free_memory` at the
+    end. Several processes: the same script under `accelerate launch` (CPU processes: torchrun). Trained parameters must
+    be float32 (a half-precision pipeline trains LoRA adapters, upcast to float32). Returns {"losses" (one per optimiser
+    step, mean over processes), "steps", "start", "total_batch_size", "num_processes"}."""
 
 
 def train_controlnet(pipe, controlnet, images: torch.Tensor, prompts: list[str], controls: torch.Tensor, *, steps: int,
@@ -320,6 +324,7 @@ def train_controlnet(pipe, controlnet, images: torch.Tensor, prompts: list[str],
                      progress: bool = True) -> dict:  # fmt: skip
     """Train `controlnet` (in place) on (image, prompt, control) triples with `controlnet_loss`; the pipeline's UNet,
     VAE and text encoder stay locked (diffusers' examples/controlnet/train_controlnet.py)."""
+    loop = {k: v for k, v in locals().items() if k in _LOOP_ARGS}  # the loop's arguments, passed on to _train
     check_images(pipe, images)
     if len(prompts) != len(images) or len(controls) != len(images):
         raise ValueError(f"expected one prompt and one control per image ({len(images)}), got {len(prompts)}, {len(controls)}")
@@ -330,19 +335,14 @@ def train_controlnet(pipe, controlnet, images: torch.Tensor, prompts: list[str],
                                p_uncond)  # fmt: skip
 
     group = {"image": images.detach().cpu(), "control": controls.detach().cpu(), "prompt": list(prompts)}
-    return _train(pipe, {controlnet: lambda name: True, **frozen}, [controlnet, pipe.unet], [group], loss_fn,
-                  steps=steps, batch_size=batch_size, lr=lr, grad_accum=grad_accum, mixed_precision=mixed_precision,
-                  gradient_checkpointing=gradient_checkpointing, checkpoint_dir=checkpoint_dir,
-                  checkpoint_every=checkpoint_every, resume=resume, seed=seed, max_grad_norm=max_grad_norm,
-                  optimizer=optimizer, accelerator=accelerator, progress=progress)  # fmt: skip
+    return _train(pipe, {controlnet: lambda name: True, **frozen}, [controlnet, pipe.unet], [group], loss_fn, **loop)
 
 
 def _add_lora(module, rank: int, targets: tuple[str, ...], seed: int) -> None:
-    """A LoRA adapter on `module`'s `targets`, as train_dreambooth_lora.py adds it: alpha = rank, "gaussian" init
-    (A ~ N(0, 1/rank^2), B = 0: the adapted module starts equal to the base). The UNet through diffusers'
-    `add_adapter` (then `disable_adapters`/`enable_adapters` switch it); the text encoder through peft's
-    `inject_adapter_in_model` (transformers 5's own `add_adapter` wraps it but demands peft >= 0.22). A module that
-    already has LoRA layers keeps them: training continues them."""
+    """A LoRA adapter on `module`'s `targets`, as train_dreambooth_lora.py adds it: alpha = rank, "gaussian" init (A ~
+    N(0, 1/rank^2), B = 0: the adapted module starts equal to the base). The UNet through diffusers' `add_adapter`
+    (`disable_adapters`/`enable_adapters` switch it); the text encoder through peft's `inject_adapter_in_model`
+    (transformers 5's `add_adapter` demands peft >= 0.22). Existing LoRA layers are kept: training continues them."""
     from diffusers import ModelMixin
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -369,6 +369,7 @@ def train_dreambooth(pipe, instance_images: torch.Tensor, instance_prompt: str, 
     `prior_weight` is 0); the VAE stays locked (diffusers' examples/dreambooth/train_dreambooth.py). With `lora_rank`,
     LoRA adapters of that rank are added to the UNet's (and the text encoder's) attention projections and only they
     train, the base weights untouched (train_dreambooth_lora.py): the pipeline then samples with the adapters on."""
+    loop = {k: v for k, v in locals().items() if k in _LOOP_ARGS}  # the loop's arguments, passed on to _train
     check_images(pipe, instance_images)
     check_prior_weight(prior_weight)
     if lora_rank is not None:
@@ -390,10 +391,7 @@ def train_dreambooth(pipe, instance_images: torch.Tensor, instance_prompt: str, 
                                text_encoder=prepared(pipe.text_encoder))  # fmt: skip
 
     checkpointing = [pipe.unet, pipe.text_encoder] if train_text_encoder else [pipe.unet]
-    return _train(pipe, trainable, checkpointing, groups, loss_fn, steps=steps, batch_size=batch_size, lr=lr,
-                  grad_accum=grad_accum, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, seed=seed,
-                  max_grad_norm=max_grad_norm, optimizer=optimizer, accelerator=accelerator, progress=progress)  # fmt: skip
+    return _train(pipe, trainable, checkpointing, groups, loss_fn, **loop)
 
 
 train_controlnet.__doc__ = (train_controlnet.__doc__ or "") + _LOOP_DOC  # docstrings are None under python -OO

@@ -10,7 +10,9 @@ and resized to the pipeline's size; by default a test digit of scikit-learn's se
    and with guidance, then null-text inversion (Mokady et al., 2023) and its reconstruction through the pipeline's loop;
 2. a Prompt-to-Prompt word swap (Hertz et al., 2022) from the null-text inversion, beside a plain prompt swap;
 3. a few ControlNet training steps (Zhang et al., 2023) on the image and its edge map, through `accelerate`;
-4. a few DreamBooth steps (Ruiz et al., 2023) on the image (LoRA with `--lora-rank`), then one sample.
+4. a few DreamBooth steps (Ruiz et al., 2023) on the image, LoRA adapters of rank `--lora-rank` (default 4, kept in
+   float32 on a half-precision pipeline; 0: a full fine-tune of the UNet and text encoder, float32 pipelines only),
+   then one sample.
 
 It writes `report.json` (seconds and peak memory per stage, PSNR of each reconstruction, the options, the device and
 library versions) and `grid.png` (the images in stage order) to `--out`. On the book's tiny pipelines it runs in
@@ -87,7 +89,7 @@ def _prompts(prompt: str, edit: str, tokenizer) -> None:
 
 def run(path, out="build/smoke", *, device: str | None = None, dtype: str = "float32", variant: str | None = None,
         image: str | None = None, prompt: str = "a seven", edit: str = "a one", steps: int = 20,
-        guidance_scale: float = 4.0, inner_steps: int = 5, train_steps: int = 4, lora_rank: int | None = None,
+        guidance_scale: float = 4.0, inner_steps: int = 5, train_steps: int = 4, lora_rank: int | None = 4,
         mixed_precision: str = "no", gradient_checkpointing: bool = False, seed: int = 0) -> dict:  # fmt: skip
     """Run every stage on the pipeline folder `path` and write `report.json` and `grid.png` to `out`; returns the
     report. Defaults suit the book's tiny pipelines; for real weights pass your own `image`, `prompt` and `edit`."""
@@ -146,11 +148,11 @@ def run(path, out="build/smoke", *, device: str | None = None, dtype: str = "flo
              "gradient_checkpointing": gradient_checkpointing, "seed": seed, "progress": False}  # fmt: skip
     control = edge_map(x)
     with rep.stage("controlnet"):
-        cn = sd_train.controlnet_for(pipe).to(dev, pipe.unet.dtype)
+        cn = sd_train.controlnet_for(pipe).to(dev, torch.float32)  # trained in float32 whatever the pipeline's dtype
         hist = sd_train.train_controlnet(pipe, cn, x, [prompt], control, lr=1e-5, **train)
         from diffusers import StableDiffusionControlNetPipeline
 
-        cpipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=cn)
+        cpipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=cn.to(pipe.unet.dtype))  # sampled in its dtype
         cpipe.set_progress_bar_config(disable=True)
         controlled = cpipe(prompt, image=control, num_inference_steps=steps, guidance_scale=guidance_scale,
                            generator=torch.Generator().manual_seed(seed), output_type="pt").images * 2 - 1  # fmt: skip
@@ -160,7 +162,7 @@ def run(path, out="build/smoke", *, device: str | None = None, dtype: str = "flo
     instance_prompt = " ".join([*words[:-1], "sks", words[-1]])
     with rep.stage("dreambooth"):
         hist = sd_train.train_dreambooth(pipe, x, instance_prompt, None, prompt, lr=1e-4 if lora_rank else 5e-6,
-                                         lora_rank=lora_rank, train_text_encoder=lora_rank is None, **train)  # fmt: skip
+                                         lora_rank=lora_rank or None, train_text_encoder=not lora_rank, **train)  # fmt: skip
         g = torch.Generator().manual_seed(seed)
         sample = pipe(instance_prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=size, width=size,
                       generator=g, output_type="pt").images * 2 - 1  # fmt: skip
@@ -206,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--guidance-scale", type=float, default=4.0)
     ap.add_argument("--inner-steps", type=int, default=5, help="null-text Adam steps per sampling step")
     ap.add_argument("--train-steps", type=int, default=4, help="ControlNet and DreamBooth steps each")
-    ap.add_argument("--lora-rank", type=int, default=None, help="DreamBooth with LoRA adapters of this rank")
+    ap.add_argument("--lora-rank", type=int, default=4,
+                    help="DreamBooth LoRA rank (adapters in float32); 0: full fine-tune (float32 pipelines only)")  # fmt: skip
     ap.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--seed", type=int, default=0)

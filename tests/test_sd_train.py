@@ -351,3 +351,74 @@ def test_dreambooth_with_prior_preservation_trains_the_unet_and_the_text_encoder
     for bad in (float("nan"), -1.0):  # NaN used to switch prior preservation off silently
         with pytest.raises(ValueError, match="prior_weight must be a finite number >= 0"):
             sd_train.dreambooth_loss(pipe, images64, "a sks dog", cls, "a dog", torch.Generator(), prior_weight=bad)
+
+
+# ---- a half-precision pipeline (bfloat16, float16 on CPU): frozen modules in half, what trains in float32 ----
+
+HALF = [torch.bfloat16, torch.float16]
+FROZEN = ("unet", "vae", "text_encoder")
+
+
+def _half_setup(dtype):
+    pipe, controlnet = W.setup()  # the ControlNet stays float32, as diffusers' train_controlnet.py keeps it
+    pipe.to(dtype)
+    return pipe, controlnet, *W.data()
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_a_float32_controlnet_trains_on_a_half_precision_pipeline(dtype):
+    pipe, cn, images, controls, prompts = _half_setup(dtype)
+    frozen, cn0 = _params(*(getattr(pipe, n) for n in FROZEN)), _params(cn)
+    # the first loss, before any step, against the same weights all in float32: only the frozen modules' rounding differs
+    ref_pipe, ref_cn = W.setup()
+    ref_pipe.unet.load_state_dict({k: v.float() for k, v in pipe.unet.state_dict().items()})  # the rounded UNet, float32
+    g = [torch.Generator().manual_seed(s) for s in range(4)]
+    loss = sd_train.controlnet_loss(pipe, cn, images, prompts, controls, g).item()
+    g = [torch.Generator().manual_seed(s) for s in range(4)]
+    ref = sd_train.controlnet_loss(ref_pipe, ref_cn, images, prompts, controls, g).item()
+    print(f"{dtype}: first loss {loss:.6f}, all-float32 {ref:.6f}, relative difference {abs(loss - ref) / ref:.1e}")
+    assert abs(loss - ref) < 2e-3 * ref  # half activations (2^-8 or 2^-11 relative rounding per op), float32 error
+    out = sd_train.train_controlnet(pipe, cn, images, prompts, controls, steps=2, batch_size=2, lr=1e-3, progress=False)
+    assert all(v == v for v in out["losses"])  # finite, not NaN
+    assert all(q.dtype == torch.float32 for q in cn.parameters())
+    assert not _close(_params(cn), cn0) and cn.controlnet_mid_block.weight.abs().sum() > 0  # gradients reached it
+    after = _params(*(getattr(pipe, n) for n in FROZEN))
+    assert all(v.dtype == dtype and torch.equal(v, frozen[k]) for k, v in after.items() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_dreambooth_lora_on_a_half_precision_pipeline_trains_float32_adapters(dtype):
+    pipe, _, images, _, _ = _half_setup(dtype)
+    base = _params(pipe.unet, pipe.text_encoder)
+    out = sd_train.train_dreambooth(pipe, images[:2], "a sks dog", images[2:], "a dog", steps=2, batch_size=2, lr=1e-2,
+                                    lora_rank=4, progress=False)  # fmt: skip
+    assert all(v == v for v in out["losses"])
+    after = _params(pipe.unet, pipe.text_encoder)
+    lora = {k: v for k, v in after.items() if "lora_" in k}
+    assert any(k.startswith("0.") for k in lora) and any(k.startswith("1.") for k in lora)  # UNet and text encoder
+    assert all(v.dtype == torch.float32 for v in lora.values())  # upcast, as diffusers' cast_training_params does
+    assert all(lora[k].abs().sum() > 0 for k in lora if ".lora_B." in k)  # B starts at 0: the adapters trained
+    base_after = {k.replace("base_layer.", ""): v for k, v in after.items() if "lora_" not in k}
+    assert base_after.keys() == base.keys()
+    assert all(torch.equal(base_after[k], base[k]) and base_after[k].dtype == base[k].dtype for k in base)
+    z = pipe("a sks dog", num_inference_steps=2, height=16, width=16, output_type="latent").images  # samples with them
+    assert z.dtype == dtype and torch.isfinite(z.float()).all()
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_trained_parameters_are_refused_naming_the_fix(dtype):
+    pipe, _, images, controls, prompts = _half_setup(dtype)
+    before = _params(*(getattr(pipe, n) for n in FROZEN))
+    flags = [q.requires_grad for n in FROZEN for q in getattr(pipe, n).parameters()]
+    msg = rf"must be float32: load the pipeline in float32, or train LoRA .* got {dtype} in unet\."
+    with pytest.raises(ValueError, match=msg):  # a full fine-tune of half weights
+        sd_train.train_dreambooth(pipe, images[:2], "a sks dog", None, "a dog", steps=1, batch_size=2, progress=False)
+    half_cn = sd_train.controlnet_for(pipe)
+    assert all(q.dtype == torch.float32 for q in half_cn.parameters())  # from_unet builds it in float32
+    half_cn.to(dtype)  # moved to the UNet's dtype, as the smoke test used to do
+    with pytest.raises(ValueError, match=rf"a ControlNet: controlnet.float\(\)\); got {dtype} in controlnet\."):
+        sd_train.train_controlnet(pipe, half_cn, images, prompts, controls, steps=1, batch_size=2, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in _params(*(getattr(pipe, n) for n in FROZEN)).items())
+    assert [q.requires_grad for n in FROZEN for q in getattr(pipe, n).parameters()] == flags  # flags came back
+    out = sd_train.train_controlnet(pipe, half_cn.float(), images, prompts, controls, steps=1, batch_size=2, progress=False)
+    assert len(out["losses"]) == 1  # the fix the message names works

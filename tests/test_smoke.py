@@ -78,3 +78,12 @@ def test_edge_map_and_default_image():
     assert e.shape == x.shape and float(e.max()) == 1.0 and float(e.min()) == 0.0
     flat = torch.zeros(1, 3, 8, 8)
     assert float(smoke.edge_map(flat).abs().max()) == 0.0  # no edges in a flat image, and no division by zero
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_smoke_in_half_precision_on_the_trained_tiny_pipeline(dtype, tmp_path):
+    """The GPU command's path (`--dtype float16`), on CPU: half-precision frozen modules, float32 ControlNet and LoRA."""
+    rep = smoke.main(["--path", str(ROOT / "dlearn/weights/tiny_sd"), "--out", str(tmp_path), "--dtype", dtype,
+                      "--steps", "5", "--inner-steps", "2", "--train-steps", "2", "--device", "cpu"])  # fmt: skip
+    assert rep["options"]["dtype"] == dtype and rep["options"]["lora_rank"] == 4
+    _check_report(rep, tmp_path, 2)
