@@ -285,7 +285,9 @@ def test_word_swap_preserves_the_source_better_than_a_plain_prompt_swap(pairs):
     """The paper's claim (Sec. 3.2, Fig. 4; Fig. 2 for the plain swap): with the source's attention maps injected, the
     edit keeps the source image's layout; a plain prompt swap from the same noise does not. On the tiny pipeline
     trained on the digits, at its recorded guidance scale and steps, paired over 5 seeds (4 swaps each): pixel MSE to
-    the source, P2P lower by more than 2 SE. Edit success (class, thickness word reached) is printed, not asserted."""
+    the source, P2P lower by more than 2 SE. And the edit happens: P2P reaches the asked class in every edit and the
+    asked thickness word in more than half (a coin would); it reaches the thickness less often than the plain swap,
+    so part of the lower MSE is a weaker edit (chapter 11, section 2, measures that on inverted real digits)."""
     from dlearn.studies import sd as study
 
     assert (TRAINED / "model_index.json").exists(), f"the trained tiny pipeline is missing: expected {TRAINED}"
@@ -301,3 +303,5 @@ def test_word_swap_preserves_the_source_better_than_a_plain_prompt_swap(pairs):
     for what in ("class", "thickness"):
         print(f"{what} reached:", {k: f"{sum(v)}/{len(v)}" for k, v in res[what].items()})
     assert m_d > 2 * se_d
+    assert all(res["class"]["p2p"]), res["class"]
+    assert sum(res["thickness"]["p2p"]) > len(res["thickness"]["p2p"]) / 2, res["thickness"]
