@@ -10,9 +10,12 @@ and resized to the pipeline's size; by default a test digit of scikit-learn's se
    and with guidance, then null-text inversion (Mokady et al., 2023) and its reconstruction through the pipeline's loop;
 2. a Prompt-to-Prompt word swap (Hertz et al., 2022) from the null-text inversion, beside a plain prompt swap;
 3. a few ControlNet training steps (Zhang et al., 2023) on the image and its edge map, through `accelerate`;
-4. a few DreamBooth steps (Ruiz et al., 2023) on the image, LoRA adapters of rank `--lora-rank` (default 4, kept in
-   float32 on a half-precision pipeline; 0: a full fine-tune of the UNet and text encoder, float32 pipelines only),
-   then one sample.
+4. a few DreamBooth steps (Ruiz et al., 2023) on the image, with one class-prior image drawn by the frozen pipeline,
+   LoRA adapters of rank `--lora-rank` (default 4, kept in float32 on a half-precision pipeline; 0: a full fine-tune
+   of the UNet and text encoder, float32 pipelines only), then one sample.
+
+The training stages check that the code runs on your folder and what it costs, not what a fine-tune achieves: a few
+steps on one image have no visible effect (chapter 11 measures effects on the trained tiny pipeline).
 
 It writes `report.json` (seconds and peak memory per stage, PSNR of each reconstruction, the options, the device and
 library versions) and `grid.png` (the images in stage order) to `--out`. On the book's tiny pipelines it runs in
@@ -93,15 +96,12 @@ def run(path, out="build/smoke", *, device: str | None = None, dtype: str = "flo
         mixed_precision: str = "no", gradient_checkpointing: bool = False, seed: int = 0) -> dict:  # fmt: skip
     """Run every stage on the pipeline folder `path` and write `report.json` and `grid.png` to `out`; returns the
     report. Defaults suit the book's tiny pipelines; for real weights pass your own `image`, `prompt` and `edit`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a figure without pyplot: the caller's backend (e.g. a notebook's) is left alone
 
     if dtype not in DTYPES:
         raise ValueError(f"expected dtype in {sorted(DTYPES)}, got {dtype!r}")
     sd.quiet()
-    options = {k: v for k, v in locals().items() if k not in ("plt", "matplotlib")}
+    options = {k: v for k, v in locals().items() if k != "Figure"}
     options["path"], options["out"] = str(path), str(out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,8 @@ def run(path, out="build/smoke", *, device: str | None = None, dtype: str = "flo
     words = prompt.split(" ")
     instance_prompt = " ".join([*words[:-1], "sks", words[-1]])
     with rep.stage("dreambooth"):
-        hist = sd_train.train_dreambooth(pipe, x, instance_prompt, None, prompt, lr=1e-4 if lora_rank else 5e-6,
+        prior = sd_train.class_images(pipe, prompt, 1, steps=steps, height=size, seed=seed)  # the autogenous class prior
+        hist = sd_train.train_dreambooth(pipe, x, instance_prompt, prior, prompt, lr=1e-4 if lora_rank else 5e-6,
                                          lora_rank=lora_rank or None, train_text_encoder=not lora_rank, **train)  # fmt: skip
         g = torch.Generator().manual_seed(seed)
         sample = pipe(instance_prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=size, width=size,
@@ -173,14 +174,14 @@ def run(path, out="build/smoke", *, device: str | None = None, dtype: str = "flo
               "size": size, "prediction_type": sd.prediction_type(pipe), "stages": rep.stages, **rep.values,
               "versions": _versions(), "python": platform.python_version()}  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    fig, ax = plt.subplots(1, len(shown), figsize=(1.6 * len(shown), 2.0))
+    fig = Figure(figsize=(1.6 * len(shown), 2.0))
+    ax = fig.subplots(1, len(shown))
     for a, (title, img) in zip(ax, shown.items(), strict=True):
         a.imshow(((img[0].float().cpu().permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
         a.set_title(title, fontsize=7)
         a.set_axis_off()
     fig.tight_layout()
     fig.savefig(out / "grid.png", dpi=120)
-    plt.close(fig)
     print(f"wrote {out / 'report.json'} and {out / 'grid.png'}", flush=True)
     return report
 
