@@ -243,7 +243,7 @@ REGISTRY: dict[str, Entry] = {
             ("controlnet", "mask", 1500, "chapter 08's ControlNet on the locked text2image base: control = the digit's mask"),
             ("controlnet_top", "top", 1000, "chapter 08's second and third ControlNets (C16): the top half of the mask"),
             ("controlnet_bottom", "bottom", 1000, "chapter 08's ControlNet for the bottom half of the mask (C16)"),
-            ("controlnet_coarse", "coarse", 600, "chapter 08's ControlNet on a coarse 4x4 layout map (a control it must interpret)"),
+            ("controlnet_coarse", "coarse", 600, "chapter 08's ControlNet on a coarse 4x4 layout map (it must interpret it)"),
         )
     },
     "dreambooth": Entry(
