@@ -16,6 +16,15 @@ still writes results.md and the HTML of those that succeeded, lists every failur
 exits non-zero. Every file is replaced atomically (`dlearn/fileio.py`), so an interrupted run leaves
 each notebook either as it was or fully executed.
 
+Where dlearn is installed from its wheel rather than used from a clone of the repository, the book runs in
+the working directory: the notebooks shipped inside the package (`dlearn/notebooks`) are copied to
+`./notebooks` (a notebook already there is kept), and the figures go to `./figures` (or `DLEARN_OUTPUT_DIR`),
+the HTML to `./build/html`.
+
+The kernels talk to the runner over TCP encrypted with CurveZMQ keys that jupyter_client provisions (its
+`transport_encryption`), where the installed jupyter_client and pyzmq can; so ipykernel has no plain-text
+transport to warn about.
+
 `make book` calls this with one torch thread per process (see the Makefile).
 """
 
@@ -26,6 +35,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import tokenize
@@ -36,6 +46,7 @@ from dlearn import fileio, results
 NOTEBOOK_BUDGET_S = 180
 BOOK_BUDGET_S = 20 * 60
 CELL_TIMEOUT_S = 900  # a cell running longer than this fails its notebook
+SHIPPED_NOTEBOOKS = Path(__file__).resolve().parent / "notebooks"  # present in an installed wheel, not in a clone
 
 
 def find_notebooks(folder: Path, prefixes: list[str]) -> list[Path]:
@@ -48,6 +59,35 @@ def find_notebooks(folder: Path, prefixes: list[str]) -> list[Path]:
             raise SystemExit(f"no notebook in {folder} starts with {missing}; have {[p.stem for p in notebooks]}")
         return chosen
     return notebooks
+
+
+def copy_shipped_notebooks(dest: Path, source: Path = SHIPPED_NOTEBOOKS) -> list[Path]:
+    """Copy the notebooks shipped inside an installed dlearn from `source` into `dest`, for running the book
+    outside the repository; a notebook already in `dest` (run or edited before) is kept. Returns those copied."""
+    shipped = sorted(source.glob("*.ipynb")) if source.is_dir() else []
+    if not shipped:
+        raise SystemExit(
+            f"no notebooks to run: dlearn is not used from a clone of the repository, and {source} holds no notebooks; "
+            "clone the repository, or install the wheel that `python -m build` makes (it ships them)"
+        )
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    copied = [Path(dest) / p.name for p in shipped if not (Path(dest) / p.name).exists()]
+    for target in copied:
+        shutil.copyfile(source / target.name, target)
+    return copied
+
+
+def kernel_config():
+    """Configuration of the kernel manager: CurveZMQ transport encryption where the installed jupyter_client
+    provisions it and pyzmq supports it (the kernel spec says whether the kernel accepts it); otherwise the default."""
+    import zmq
+    from jupyter_client.manager import KernelManager
+    from traitlets.config import Config
+
+    config = Config()
+    if KernelManager.class_traits().get("transport_encryption") is not None and zmq.has("curve"):
+        config.KernelManager.transport_encryption = "auto"
+    return config
 
 
 def execute(path: Path, timeout: int = CELL_TIMEOUT_S):
@@ -66,7 +106,7 @@ def execute(path: Path, timeout: int = CELL_TIMEOUT_S):
 
     client = NotebookClient(
         nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
-        record_timing=False, store_widget_state=True, on_cell_start=on_cell_start,
+        record_timing=False, store_widget_state=True, on_cell_start=on_cell_start, config=kernel_config(),
     )  # fmt: skip
     try:
         client.execute()
@@ -542,7 +582,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
 
-    root = results.repo_root() or Path.cwd()
+    root = results.repo_root()
+    if root is None:  # installed from the wheel: the book runs in the working directory, from the shipped notebooks
+        root = Path.cwd()
+        copied = copy_shipped_notebooks(root / "notebooks")
+        if copied:
+            print(f"copied {len(copied)} notebook(s) of the book to {root / 'notebooks'}")
     if args.index_only:
         if args.prefixes:
             parser.error("--index-only indexes every notebook; it takes no prefixes")
@@ -554,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no notebooks to run")
         return 1
     os.environ.setdefault("DLEARN_PROGRESS", "0")  # no progress bars inside the saved notebooks
+    os.environ["DLEARN_OUTPUT_DIR"] = str(results.output_dir().resolve())  # the kernels, in notebooks/, write here too
     return run_book(notebooks, root / "build", results.output_dir(), html=not args.no_html)
 
 
