@@ -43,6 +43,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 book: env
 	$(RUN) $(PY) -m dlearn.book $(NB)
+	$(RUN) $(PY) -m dlearn.site
 
 # the book as an offline website in build/site/ (from the executed notebooks, nothing re-runs); the unit tests'
 # tests/test_site.py builds it when missing or stale and checks it in headless Chromium
