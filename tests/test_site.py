@@ -189,7 +189,7 @@ def page(browser, served):
 
 def _typeset(page) -> None:
     """Wait until MathJax has typeset the page."""
-    page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=30_000)
+    page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=90_000)
     page.evaluate("() => MathJax.startup.promise")
 
 
@@ -233,7 +233,7 @@ def test_no_page_requests_anything_outside_the_site(page):
 
 def test_search_finds_tweedie(page):
     page.goto(f"{page.base}/search.html?q=Tweedie")
-    page.wait_for_function("() => document.querySelectorAll('ul.search li a').length > 0", timeout=30_000)
+    page.wait_for_function("() => document.querySelectorAll('ul.search li a').length > 0", timeout=90_000)
     links = page.locator("ul.search li a").evaluate_all("as => as.map(a => a.getAttribute('href'))")
     assert any("06_score" in href for href in links), f"the score chapter is not among the results: {links}"
     assert not page.outside
@@ -246,3 +246,19 @@ def test_citations_link_to_their_entry_in_the_bibliography(page):
     page.goto(f"{page.base}/notebooks/{href}")
     entry = page.locator(f"[id='{href.split('#')[1]}']")
     assert re.search("Tweedie.s formula and selection bias", entry.inner_text())
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The site, built if missing or older than the notebooks (no browser needed)."""
+    return site.build(ROOT / "build" / "site", force=False)
+
+
+def test_no_built_page_loads_a_script_style_or_image_from_outside(built):
+    """Every page, not only the sampled ones: no `src=` and no `<link href=>` that leaves the site (the browser test
+    above sees requests; this sees every page's markup, without a browser)."""
+    external = re.compile(r"""(?:\bsrc=|<link\b[^>]*\bhref=)["'](?:https?:)?//""", re.IGNORECASE)
+    pages = sorted(built.rglob("*.html"))
+    assert len(pages) > 15, f"expected the whole site under {built}, found {len(pages)} pages"
+    offending = [f"{p.relative_to(built)}: {m.group(0)}" for p in pages for m in external.finditer(p.read_text(errors="replace"))]
+    assert not offending, offending[:10]
