@@ -22,7 +22,7 @@ STUDIES = [
     "studies.diffusion", "studies.text2image", "studies.controlnet", "studies.dreambooth", "studies.sd",
 ]  # fmt: skip
 # the weights registry (imports the studies' recipes), then presentation and tooling
-LAST = ["zoo", "widgets", "book", "bench", "smoke", "site"]
+LAST = ["zoo", "widgets", "book", "bench", "smoke", "site", "exercises", "exercise_solutions"]
 # The order of the book: a module may import only modules listed before it. A new module must be
 # placed here (the test below fails until it is).
 ORDER = SHARED + CHAPTERS + STUDIES + LAST
