@@ -303,16 +303,8 @@ def run(pipe, prompts: list[str], latents: torch.Tensor, steps: int, guidance_sc
     dt, b = pipe.unet.dtype, len(prompts)
     cond = sd.encode_prompts(pipe, prompts).to(dt)
     kwargs = {}
-    if nulls is not None:
-        nulls = [n.to(pipe.device, dt).expand(b, -1, -1) for n in nulls]
-
-        def step_end(p, i, t, kw):
-            if i + 1 < len(nulls):
-                kw["prompt_embeds"] = torch.cat([nulls[i + 1], cond])
-            return kw
-
-        kwargs = {"negative_prompt_embeds": nulls[0], "callback_on_step_end": step_end,
-                  "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}  # fmt: skip
+    if nulls is not None:  # fed as sd.pipeline_reconstruct feeds them (guidance_scale > 1 is checked above)
+        kwargs = sd.null_feed([n.to(pipe.device, dt).expand(b, -1, -1) for n in nulls], cond, guidance_scale)
     start = latents.to(pipe.device, dt).expand(b, -1, -1, -1)
     h, w = (s * pipe.vae_scale_factor for s in latents.shape[-2:])
     with controlled(pipe, controller) if controller is not None else contextlib.nullcontext():

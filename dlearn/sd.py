@@ -337,12 +337,20 @@ def pipeline_reconstruct(pipe, world: PipelineWorld, inv, guidance_scale: float)
     dt = pipe.unet.dtype  # the world keeps float32; the pipeline's loop runs in the UNet's dtype
     nulls, cond = [n.to(dt) for n in nulls], cond.to(dt)
 
+    out = pipe(prompt_embeds=cond, latents=inv.pivots[-1].to(dt), num_inference_steps=inv.steps,
+               guidance_scale=guidance_scale, output_type="latent", **null_feed(nulls, cond, guidance_scale))  # fmt: skip
+    return out.images.float()
+
+
+def null_feed(nulls: list[torch.Tensor], cond: torch.Tensor, guidance_scale: float) -> dict:
+    """The keyword arguments that make the pipeline's `__call__` use a null embedding per step: step 0's as
+    `negative_prompt_embeds`, and a step-end callback that after step i sets `prompt_embeds = cat([null_{i+1}, cond])`
+    (the pipeline's own concatenation, negative first). At w = 1 the pipeline runs the prompt alone: no null is used."""
+
     def step_end(p, i, t, kwargs):
-        if i + 1 < len(nulls) and guidance_scale > 1:  # at w = 1 the pipeline runs the prompt alone: no null used
+        if i + 1 < len(nulls) and guidance_scale > 1:
             kwargs["prompt_embeds"] = torch.cat([nulls[i + 1], cond])
         return kwargs
 
-    out = pipe(prompt_embeds=cond, negative_prompt_embeds=nulls[0], latents=inv.pivots[-1].to(dt),
-               num_inference_steps=inv.steps, guidance_scale=guidance_scale, output_type="latent",
-               callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["prompt_embeds"])  # fmt: skip
-    return out.images.float()
+    return {"negative_prompt_embeds": nulls[0], "callback_on_step_end": step_end,
+            "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}  # fmt: skip
